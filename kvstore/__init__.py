@@ -1,0 +1,52 @@
+"""kvstore: the KV cache of LLM inference as a durable, shared, object-store-native asset.
+
+    async with kvstore.open("s3://bucket/kv") as store:
+        await store.save_prefix(spec, tokens, kv)
+        hit = await store.load_prefix(spec, tokens)
+
+``kvstore.sync`` offers the same calls for code without an event loop.
+"""
+
+from __future__ import annotations
+
+from kvstore import sync
+from kvstore.errors import (
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    KVStoreError,
+    ObjectNotFoundError,
+    StoreConfigError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+from kvstore.formats import FORMAT_VERSION
+from kvstore.results import LoadResult, SaveResult, StoreStats
+from kvstore.spec import ModelSpec
+from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions, open
+from kvstore.sync import SyncStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "FORMAT_VERSION",
+    "FormatVersionError",
+    "IntegrityError",
+    "InvalidInputError",
+    "KVStore",
+    "KVStoreError",
+    "LoadResult",
+    "ModelSpec",
+    "ObjectNotFoundError",
+    "SaveResult",
+    "StoreConfigError",
+    "StoreOptions",
+    "StorePermissionError",
+    "StoreStats",
+    "StoreUnavailableError",
+    "SyncStore",
+    "__version__",
+    "open",
+    "sync",
+]

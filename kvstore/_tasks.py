@@ -1,0 +1,39 @@
+"""Structured fan-out: run awaitables in a TaskGroup and surface a plain exception."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["run_all"]
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def run_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all concurrently; if any fails, cancel the rest and raise the first real error.
+
+    Callers catch kvstore's exceptions, not ExceptionGroups; the group is kept as
+    the raised exception's ``__cause__`` so no failure is hidden.
+    """
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(_as_coro(a)) for a in awaitables]
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
+        raise first from group
+    return [t.result() for t in tasks]
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw

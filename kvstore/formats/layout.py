@@ -1,0 +1,91 @@
+"""Where everything lives under a store root, and each chunk's zarr v3 array metadata.
+
+    kvstore.msgpack                                   root record
+    models/<model-id>.msgpack                         model record
+    chunks/<model-id>/<k[0:2]>/<k[2:4]>/<key>/        one chunk = one zarr v3 array
+        zarr.json                                     array metadata
+        c/<layer>/0/0/0/0                             layer object: K then V of one layer
+        commit.msgpack                                commit record, written last
+
+Keys and model ids are lower-case hex. The two-level fan-out keeps any one
+directory (or listing prefix) to at most 256 entries before the chunk level.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from kvstore.formats import FORMAT_VERSION
+from kvstore.formats.codecs import get_codec
+from kvstore.formats.dtypes import dtype_info
+from kvstore.spec import ModelSpec
+
+__all__ = [
+    "COMMIT_NAME",
+    "ROOT_RECORD",
+    "ZARR_JSON",
+    "chunk_prefix",
+    "commit_path",
+    "layer_path",
+    "model_chunks_prefix",
+    "model_record_path",
+    "zarr_array_metadata",
+]
+
+ROOT_RECORD = "kvstore.msgpack"
+MODELS_DIR = "models"
+CHUNKS_DIR = "chunks"
+ZARR_JSON = "zarr.json"
+COMMIT_NAME = "commit.msgpack"
+DIMENSION_NAMES = ("layer", "kv", "token", "head", "dim")
+
+
+def model_record_path(model_id: bytes) -> str:
+    return f"{MODELS_DIR}/{model_id.hex()}.msgpack"
+
+
+def model_chunks_prefix(model_id: bytes) -> str:
+    return f"{CHUNKS_DIR}/{model_id.hex()}/"
+
+
+def chunk_prefix(model_id: bytes, key: bytes) -> str:
+    h = key.hex()
+    return f"{CHUNKS_DIR}/{model_id.hex()}/{h[0:2]}/{h[2:4]}/{h}/"
+
+
+def layer_path(chunk: str, layer: int) -> str:
+    """Path of a layer object: zarr's default chunk key for grid position (layer, 0, 0, 0, 0)."""
+    return f"{chunk}c/{layer}/0/0/0/0"
+
+
+def commit_path(chunk: str) -> str:
+    return f"{chunk}{COMMIT_NAME}"
+
+
+@lru_cache(maxsize=256)
+def zarr_array_metadata(spec: ModelSpec, num_tokens: int, codec: str) -> bytes:
+    """The ``zarr.json`` of a chunk: shape [layers, 2, tokens, heads, dim], one zarr chunk per layer."""
+    info = dtype_info(spec.dtype)
+    chunk_shape = [1, 2, num_tokens, spec.num_kv_heads, spec.head_dim]
+    meta = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [spec.num_layers, *chunk_shape[1:]],
+        "data_type": info.zarr_data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": get_codec(codec).zarr_codecs(info.itemsize),
+        "attributes": {
+            "kvstore": {
+                "format": FORMAT_VERSION,
+                "dtype": info.name,
+                "model": spec.name,
+                "model_version": spec.version,
+                "codec": codec,
+            }
+        },
+        "dimension_names": list(DIMENSION_NAMES),
+    }
+    return json.dumps(meta, indent=2, ensure_ascii=True).encode()

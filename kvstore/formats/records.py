@@ -1,0 +1,201 @@
+"""Small metadata records, stored as msgpack maps and validated defensively on read.
+
+Every record carries ``format`` (the format version that wrote it). Readers
+enforce a size limit before unpacking and check each field's type and range, so
+a damaged or hostile object yields IntegrityError / FormatVersionError, never a
+crash or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+
+from kvstore.errors import FormatVersionError, IntegrityError
+from kvstore.formats import FORMAT_VERSION
+from kvstore.formats.dtypes import dtype_info_by_name
+from kvstore.spec import ModelSpec
+
+__all__ = ["CommitRecord", "ModelRecord", "RootRecord", "STORE_MAGIC"]
+
+STORE_MAGIC = "kvstore"
+_MAX_SMALL_RECORD = 64 * 1024
+_MAX_COMMIT_RECORD = 1024 * 1024
+_MAX_LAYERS = 1 << 16
+_MAX_DIM = 1 << 31
+
+T = TypeVar("T")
+
+
+def _unpack(data: bytes, max_size: int, kind: str) -> dict[str, Any]:
+    if len(data) > max_size:
+        raise IntegrityError(f"{kind} record is {len(data)} bytes, over the {max_size}-byte limit")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise IntegrityError(f"{kind} record is not valid msgpack: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{kind} record is not a map")
+    version = obj.get("format")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise IntegrityError(f"{kind} record has no format version")
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{kind} record has format version {version}; this kvstore reads version {FORMAT_VERSION}"
+        )
+    return obj
+
+
+def _get(obj: dict[str, Any], name: str, typ: type[T], kind: str) -> T:
+    value = obj.get(name)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise IntegrityError(f"{kind} record field {name!r} is missing or not {typ.__name__}")
+    return value
+
+
+def _get_int(obj: dict[str, Any], name: str, kind: str, lo: int, hi: int) -> int:
+    value = _get(obj, name, int, kind)
+    if not lo <= value <= hi:
+        raise IntegrityError(f"{kind} record field {name!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _get_number(obj: dict[str, Any], name: str, kind: str) -> float:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise IntegrityError(f"{kind} record field {name!r} is missing or not a number")
+    return float(value)
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RootRecord:
+    """Store-wide settings, written once when a store is created."""
+
+    chunk_tokens: int
+    created: float = field(default_factory=time.time)
+
+    def to_msgpack(self) -> bytes:
+        return _pack(
+            {"format": FORMAT_VERSION, "magic": STORE_MAGIC, "chunk_tokens": self.chunk_tokens, "created": self.created}
+        )
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> RootRecord:
+        obj = _unpack(data, _MAX_SMALL_RECORD, "root")
+        if obj.get("magic") != STORE_MAGIC:
+            raise IntegrityError("root record does not identify a kvstore store")
+        return cls(
+            chunk_tokens=_get_int(obj, "chunk_tokens", "root", 1, 1 << 24),
+            created=_get_number(obj, "created", "root"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A model spec seen by the store: lets tools name models and gives the GC its roots."""
+
+    model_id: bytes
+    spec: ModelSpec
+    created: float = field(default_factory=time.time)
+
+    def to_msgpack(self) -> bytes:
+        s = self.spec
+        return _pack(
+            {
+                "format": FORMAT_VERSION,
+                "id": self.model_id,
+                "name": s.name,
+                "version": s.version,
+                "num_layers": s.num_layers,
+                "num_kv_heads": s.num_kv_heads,
+                "head_dim": s.head_dim,
+                "dtype": s.dtype_name,
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> ModelRecord:
+        k = "model"
+        obj = _unpack(data, _MAX_SMALL_RECORD, k)
+        model_id = _get(obj, "id", bytes, k)
+        if len(model_id) != 16:
+            raise IntegrityError("model record id must be 16 bytes")
+        spec = ModelSpec(
+            name=_get(obj, "name", str, k),
+            version=_get(obj, "version", str, k),
+            num_layers=_get_int(obj, "num_layers", k, 1, _MAX_LAYERS),
+            num_kv_heads=_get_int(obj, "num_kv_heads", k, 1, _MAX_DIM),
+            head_dim=_get_int(obj, "head_dim", k, 1, _MAX_DIM),
+            dtype=dtype_info_by_name(_get(obj, "dtype", str, k)).torch_dtype,
+        )
+        return cls(model_id=model_id, spec=spec, created=_get_number(obj, "created", k))
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """Written last: its presence makes a chunk visible, and it carries the checksums.
+
+    ``layer_sizes[l]`` is the stored (encoded) size of layer l's object and
+    ``layer_digests[l]`` the blake3 digest of its decoded bytes (K then V).
+    """
+
+    key: bytes
+    parent: bytes
+    index: int
+    model_id: bytes
+    num_tokens: int
+    codec: str
+    layer_sizes: tuple[int, ...]
+    layer_digests: tuple[bytes, ...]
+    created: float = field(default_factory=time.time)
+
+    def to_msgpack(self) -> bytes:
+        return _pack(
+            {
+                "format": FORMAT_VERSION,
+                "key": self.key,
+                "parent": self.parent,
+                "index": self.index,
+                "model": self.model_id,
+                "tokens": self.num_tokens,
+                "codec": self.codec,
+                "layer_sizes": list(self.layer_sizes),
+                "layer_digests": list(self.layer_digests),
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> CommitRecord:
+        k = "commit"
+        obj = _unpack(data, _MAX_COMMIT_RECORD, k)
+        key, parent, model = (_get(obj, f, bytes, k) for f in ("key", "parent", "model"))
+        if len(key) != 32 or len(parent) != 32 or len(model) != 16:
+            raise IntegrityError("commit record key/parent/model have wrong lengths")
+        sizes = _get(obj, "layer_sizes", list, k)
+        digests = _get(obj, "layer_digests", list, k)
+        if not 0 < len(sizes) <= _MAX_LAYERS or len(sizes) != len(digests):
+            raise IntegrityError("commit record layer lists are empty or of different lengths")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in sizes):
+            raise IntegrityError("commit record layer sizes are invalid")
+        if not all(isinstance(d, bytes) and len(d) == 32 for d in digests):
+            raise IntegrityError("commit record layer digests are invalid")
+        return cls(
+            key=key,
+            parent=parent,
+            index=_get_int(obj, "index", k, 0, 1 << 40),
+            model_id=model,
+            num_tokens=_get_int(obj, "tokens", k, 1, 1 << 24),
+            codec=_get(obj, "codec", str, k),
+            layer_sizes=tuple(sizes),
+            layer_digests=tuple(digests),
+            created=_get_number(obj, "created", k),
+        )

@@ -1,0 +1,61 @@
+"""Value types returned by the store's calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerKV", "LoadResult", "SaveResult", "StoreStats"]
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's (K, V), each ``[tokens, num_kv_heads, head_dim]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    """What a save did. ``num_tokens``: tokens of this prompt the store now covers."""
+
+    num_tokens: int
+    chunks_written: int
+    chunks_skipped: int
+    bytes_written: int
+    objects_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """A load's hit: the longest cached prefix of the tokens and its KV.
+
+    ``kv`` holds ``num_layers`` (K, V) pairs of shape ``[num_tokens, H, D]``;
+    ``chunks_damaged`` counts chunks that failed verification and cut the hit short.
+    """
+
+    num_tokens: int
+    kv: tuple[LayerKV, ...]
+    chunks_loaded: int
+    chunks_damaged: int
+    bytes_read: int
+
+    @property
+    def hit(self) -> bool:
+        return self.num_tokens > 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Cumulative counters of one open store."""
+
+    saves: int
+    loads: int
+    lookups: int
+    chunks_written: int
+    chunks_skipped: int
+    chunks_loaded: int
+    chunks_damaged: int
+    bytes_written: int
+    bytes_read: int
+    requests_get: int
+    requests_put: int
+    requests_head: int
+    requests_delete: int

@@ -1,0 +1,62 @@
+"""ModelSpec: the identity and KV layout of a model, which keys and records depend on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.errors import InvalidInputError
+from kvstore.formats.dtypes import dtype_info
+
+__all__ = ["ModelSpec"]
+
+_MAX_NAME_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What determines the bytes of a model's KV cache.
+
+    ``version`` is the identity of the weights: use a new one for any change of
+    weights, tokenizer or attention implementation that changes K/V values.
+    """
+
+    name: str
+    version: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for field in ("name", "version"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise InvalidInputError(f"ModelSpec.{field} must be a non-empty string, got {value!r}")
+            if len(value.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+                raise InvalidInputError(f"ModelSpec.{field} is longer than {_MAX_NAME_BYTES} bytes")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInputError(f"ModelSpec.{field} is not valid unicode: {value!r}") from None
+        for field in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise InvalidInputError(f"ModelSpec.{field} must be a positive int, got {value!r}")
+        dtype_info(self.dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        """The stable on-store name of ``dtype`` (e.g. ``"bfloat16"``)."""
+        return dtype_info(self.dtype).name
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies across all layers (K and V)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_info(self.dtype).itemsize
+
+    @property
+    def label(self) -> str:
+        """``name@version``, the form the CLI and logs use."""
+        return f"{self.name}@{self.version}"

@@ -1,0 +1,95 @@
+"""The storage boundary: keys and bytes only, and nothing above it sees a backend error.
+
+Keys are '/'-separated paths relative to the store root. Implementations
+translate backend exceptions into kvstore's tree (see ``translate_errors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+from kvstore.errors import (
+    KVStoreError,
+    ObjectNotFoundError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+
+__all__ = ["ObjectMeta", "ObjectStore", "translate_errors"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a HEAD or a listing tells about one object."""
+
+    key: str
+    size: int
+    mtime: float | None
+
+
+class ObjectStore(ABC):
+    """Async object-store operations used by kvstore: get, put, head, list, delete."""
+
+    url: str
+    reads_into_buffers: bool = False
+    """True when ``get_into`` reads straight into caller memory (no intermediate copy)."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFoundError if it does not exist."""
+
+    async def get_into(self, key: str, buffers: Sequence[memoryview]) -> int:
+        """Fill ``buffers`` in order from the object's bytes; return the object's size.
+
+        The object must be exactly as large as the buffers together; a size
+        mismatch is returned (not raised) so callers decide. Backends that can
+        read straight into caller memory override this to skip a copy.
+        """
+        data = memoryview(await self.get(key))
+        if len(data) == sum(len(b) for b in buffers):
+            offset = 0
+            for buf in buffers:
+                buf[:] = data[offset : offset + len(buf)]
+                offset += len(buf)
+        return len(data)
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        """Store ``data`` at ``key``, atomically for readers.
+
+        With ``create_only`` an existing object is left alone and False is
+        returned; otherwise (and when written) True.
+        """
+
+    @abstractmethod
+    async def head(self, key: str) -> ObjectMeta | None:
+        """Metadata of the object at ``key``, or None when there is none."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
+        """Stream every object whose key starts with ``prefix`` (a directory-like prefix)."""
+
+    @abstractmethod
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects; keys that do not exist are ignored."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook with a default
+        """Release connections; the store is unusable afterwards."""
+
+
+@contextlib.contextmanager
+def translate_errors(url: str, key: str) -> Iterator[None]:
+    """Translate backend exceptions into kvstore's tree, keeping the original as the cause."""
+    try:
+        yield
+    except KVStoreError:
+        raise
+    except FileNotFoundError as exc:
+        raise ObjectNotFoundError(f"{url}: no object at {key!r}") from exc
+    except PermissionError as exc:
+        raise StorePermissionError(f"{url}: access denied to {key!r}: {exc}") from exc
+    except Exception as exc:  # any other backend failure: surface it as unavailability, never drop it
+        raise StoreUnavailableError(f"{url}: {type(exc).__name__} on {key!r}: {exc}") from exc

@@ -1,0 +1,132 @@
+"""Any fsspec filesystem as an object store (s3://, memory://, gcs://, ...).
+
+Async filesystems (s3fs) are awaited directly; synchronous ones run in worker
+threads. An async filesystem is bound to the event loop it was created in, so
+``open_fsspec`` must be awaited inside the loop that will use the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
+
+__all__ = ["FsspecObjectStore", "open_fsspec"]
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for field in ("LastModified", "mtime", "created"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+class FsspecObjectStore(ObjectStore):
+    """Objects live at ``<root>/<key>`` on an fsspec filesystem."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url
+        self._async = isinstance(fs, AsyncFileSystem) and fs.async_impl
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._async:
+            return await getattr(self.fs, f"_{name}")(*args, **kwargs)
+        return await asyncio.to_thread(getattr(self.fs, name), *args, **kwargs)
+
+    async def get(self, key: str) -> bytes:
+        with translate_errors(self.url, key):
+            data = await self._call("cat_file", self._path(key))
+        return bytes(data)
+
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        path = self._path(key)
+        with translate_errors(self.url, key):
+            if create_only:
+                # Conditional PUT support varies by backend and server, so check first;
+                # the race only matters for records whose concurrent writers agree.
+                if await self._exists(path):
+                    return False
+            await self._call("pipe_file", path, data)
+        return True
+
+    async def _exists(self, path: str) -> bool:
+        try:
+            await self._call("info", path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def head(self, key: str) -> ObjectMeta | None:
+        with translate_errors(self.url, key):
+            try:
+                info = await self._call("info", self._path(key))
+            except FileNotFoundError:
+                return None
+        if info.get("type") == "directory":
+            return None
+        return ObjectMeta(key, int(info.get("size") or 0), _mtime(info))
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        with translate_errors(self.url, prefix):
+            try:
+                found = await self._call("find", base, detail=True)
+            except FileNotFoundError:
+                return
+        root = f"{self.root}/" if self.root else ""
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            key = path[len(root) :] if path.startswith(root) else path
+            yield ObjectMeta(key, int(info.get("size") or 0), _mtime(info))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        paths = [self._path(k) for k in keys]
+        with translate_errors(self.url, keys[0]):
+            try:
+                await self._call("rm", paths)
+            except FileNotFoundError:
+                pass
+
+    async def close(self) -> None:
+        creator = getattr(self.fs, "_s3creator", None)
+        if self._async and creator is not None:
+            await creator.__aexit__(None, None, None)
+
+
+async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -> FsspecObjectStore:
+    """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache)."""
+    protocol, _, _ = url.partition("://")
+    cls = fsspec.get_filesystem_class(protocol)
+    options = dict(storage_options or {})
+    if getattr(cls, "async_impl", False):
+        options.setdefault("asynchronous", True)
+        options.setdefault("skip_instance_cache", True)
+        options.setdefault("use_listings_cache", False)  # other writers change the store under us
+        if protocol in ("s3", "s3a"):
+            options.setdefault("max_concurrency", 1)  # s3fs otherwise HEADs before every GET
+    with translate_errors(url, ""):
+        fs = cls(**options)
+        if getattr(fs, "async_impl", False) and hasattr(fs, "set_session"):
+            await fs.set_session()
+    root = cls._strip_protocol(url)
+    if isinstance(root, list):  # pragma: no cover - fsspec typing allows lists
+        root = root[0]
+    return FsspecObjectStore(fs, str(root), url)

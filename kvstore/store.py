@@ -1,0 +1,518 @@
+"""KVStore: save, look up and load KV-cache prefixes as content-addressed chunks.
+
+Every object request of a call runs concurrently under one per-store limit
+(``max_concurrency``); CPU work (encoding, hashing, copying) runs in worker
+threads so the event loop never stalls on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, fields
+from types import TracebackType
+from typing import Any
+
+import blake3
+import numpy as np
+import torch
+
+from kvstore._tasks import run_all
+from kvstore.errors import (
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    ObjectNotFoundError,
+    StoreConfigError,
+    StoreUnavailableError,
+)
+from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
+from kvstore.formats.dtypes import dtype_info
+from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import (
+    ROOT_RECORD,
+    ZARR_JSON,
+    chunk_prefix,
+    commit_path,
+    layer_path,
+    model_record_path,
+    zarr_array_metadata,
+)
+from kvstore.formats.records import CommitRecord, ModelRecord, RootRecord
+from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
+from kvstore.spec import ModelSpec
+from kvstore.storage import ObjectStore, open_object_store
+from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
+
+__all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions", "open"]
+
+logger = logging.getLogger("kvstore")
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """Per-store settings. ``chunk_tokens`` is fixed when the store is created."""
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    codec: str = DEFAULT_CODEC
+    max_concurrency: int = 32
+    verify: bool = True
+    save_tail: bool = True
+    repair: bool = True
+    """Delete the commit record of a chunk found damaged, so the next save rewrites it."""
+
+    def __post_init__(self) -> None:
+        get_codec(self.codec)
+        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+            raise InvalidInputError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
+        if not isinstance(self.chunk_tokens, int) or not 1 <= self.chunk_tokens <= 1 << 24:
+            raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
+
+
+@dataclass(slots=True)
+class _Counters:
+    saves: int = 0
+    loads: int = 0
+    lookups: int = 0
+    chunks_written: int = 0
+    chunks_skipped: int = 0
+    chunks_loaded: int = 0
+    chunks_damaged: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    requests_get: int = 0
+    requests_put: int = 0
+    requests_head: int = 0
+    requests_delete: int = 0
+
+
+def _check_spec(spec: object) -> ModelSpec:
+    if not isinstance(spec, ModelSpec):
+        raise InvalidInputError(f"spec must be a kvstore.ModelSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"invalid device {device!r}: {exc}") from None
+
+
+def _digest(parts: Sequence[memoryview | np.ndarray]) -> bytes:
+    h = blake3.blake3()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+class KVStore:
+    """An open store. Create it with ``await kvstore.open(url)``; close it with ``close()``."""
+
+    def __init__(self, backend: ObjectStore, options: StoreOptions) -> None:
+        self._backend = backend
+        self.options = options
+        self._codec: Codec = get_codec(options.codec)
+        self._limit = asyncio.Semaphore(options.max_concurrency)
+        self._counters = _Counters()
+        self._known_models: set[bytes] = set()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self._backend.url
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.options.chunk_tokens
+
+    def stats(self) -> StoreStats:
+        """A snapshot of this store's counters."""
+        c = self._counters
+        return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)})
+
+    # ------------------------------------------------------------------ requests
+
+    async def _head(self, key: str) -> bool:
+        async with self._limit:
+            self._counters.requests_head += 1
+            return await self._backend.head(key) is not None
+
+    async def _get(self, key: str) -> bytes:
+        async with self._limit:
+            self._counters.requests_get += 1
+            return await self._backend.get(key)
+
+    async def _put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        async with self._limit:
+            self._counters.requests_put += 1
+            return await self._backend.put(key, data, create_only=create_only)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError(f"{self.url}: the store is closed")
+
+    def _keys(self, spec: ModelSpec, tokens: np.ndarray, *, include_tail: bool) -> list[ChunkKey]:
+        return chunk_keys(spec, tokens, self.options.chunk_tokens, include_tail=include_tail)
+
+    # ------------------------------------------------------------------ lookup
+
+    async def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
+        """Number of leading tokens whose KV is cached; one concurrent round of existence checks."""
+        self._check_open()
+        spec = _check_spec(spec)
+        keys = self._keys(spec, normalize_tokens(tokens), include_tail=True)
+        self._counters.lookups += 1
+        mid = model_id(spec)
+        present = await run_all(self._head(commit_path(chunk_prefix(mid, k.digest))) for k in keys)
+        covered = 0
+        for key, ok in zip(keys, present, strict=True):
+            if not ok:
+                break
+            covered = key.end
+        return covered
+
+    # ------------------------------------------------------------------ save
+
+    async def save_prefix(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> SaveResult:
+        """Save the KV of ``tokens``; chunks already stored are skipped (content addressing).
+
+        Input is checked completely before anything is written.
+        """
+        self._check_open()
+        spec = _check_spec(spec)
+        arr = normalize_tokens(tokens)
+        if len(arr) == 0:
+            raise InvalidInputError("cannot save an empty prompt")
+        check_kv(spec, kv, len(arr))
+        keys = self._keys(spec, arr, include_tail=self.options.save_tail)
+        self._counters.saves += 1
+        if not keys:
+            return SaveResult(0, 0, 0, 0, 0)
+        mid = model_id(spec)
+        await self._ensure_model_record(spec, mid)
+        present = await run_all(self._head(commit_path(chunk_prefix(mid, k.digest))) for k in keys)
+        missing = [k for k, ok in zip(keys, present, strict=True) if not ok]
+        written = [(0, 0)]
+        if missing:
+            host = await asyncio.to_thread(host_kv, kv)
+            written = await run_all(self._write_chunk(spec, mid, key, host) for key in missing)
+        nbytes = sum(b for b, _ in written)
+        nobjects = sum(n for _, n in written)
+        c = self._counters
+        c.chunks_written += len(missing)
+        c.chunks_skipped += len(keys) - len(missing)
+        c.bytes_written += nbytes
+        return SaveResult(
+            num_tokens=keys[-1].end,
+            chunks_written=len(missing),
+            chunks_skipped=len(keys) - len(missing),
+            bytes_written=nbytes,
+            objects_written=nobjects,
+        )
+
+    async def _ensure_model_record(self, spec: ModelSpec, mid: bytes) -> None:
+        if mid in self._known_models:
+            return
+        await self._put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)
+        self._known_models.add(mid)
+
+    async def _write_chunk(self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV]) -> tuple[int, int]:
+        """Write a chunk's layers and zarr metadata, then its commit record; return (bytes, objects)."""
+        prefix = chunk_prefix(mid, key.digest)
+        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+        lo, hi = key.start * token_bytes, key.end * token_bytes
+        itemsize = dtype_info(spec.dtype).itemsize
+
+        def encode(layer: int) -> tuple[bytes, bytes]:
+            k, v = host[layer]
+            parts = [memoryview(byte_view(k)[lo:hi]), memoryview(byte_view(v)[lo:hi])]
+            return self._codec.encode(parts, itemsize), _digest(parts)
+
+        async def write_layer(layer: int) -> tuple[int, bytes]:
+            async with self._limit:
+                data, digest = await asyncio.to_thread(encode, layer)
+                self._counters.requests_put += 1
+                await self._backend.put(layer_path(prefix, layer), data)
+            return len(data), digest
+
+        meta = zarr_array_metadata(spec, key.num_tokens, self._codec.name)
+        results = await run_all(
+            [self._put(prefix + ZARR_JSON, meta), *(write_layer(i) for i in range(spec.num_layers))]
+        )
+        layers: list[tuple[int, bytes]] = results[1:]  # type: ignore[assignment]
+        commit = CommitRecord(
+            key=key.digest,
+            parent=key.parent,
+            index=key.index,
+            model_id=mid,
+            num_tokens=key.num_tokens,
+            codec=self._codec.name,
+            layer_sizes=tuple(size for size, _ in layers),
+            layer_digests=tuple(digest for _, digest in layers),
+        ).to_msgpack()
+        await self._put(commit_path(prefix), commit)
+        return len(meta) + len(commit) + sum(size for size, _ in layers), spec.num_layers + 2
+
+    # ------------------------------------------------------------------ load
+
+    async def load_prefix(
+        self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
+    ) -> LoadResult:
+        """Load the KV of the longest cached prefix of ``tokens`` onto ``device``.
+
+        Damaged chunks (bad checksum, size, structure or metadata) end the hit
+        before them; they are counted, logged and never returned.
+        """
+        self._check_open()
+        spec = _check_spec(spec)
+        dev = _device(device)
+        keys = self._keys(spec, normalize_tokens(tokens), include_tail=True)
+        self._counters.loads += 1
+        mid = model_id(spec)
+        commits = await run_all(self._read_commit(spec, mid, k) for k in keys)
+        hits: list[tuple[ChunkKey, CommitRecord]] = []
+        for key, commit in zip(keys, commits, strict=True):
+            if not isinstance(commit, CommitRecord):
+                break
+            hits.append((key, commit))
+        stopped_by_damage = len(hits) < len(commits) and commits[len(hits)] is False
+        if not hits:
+            return LoadResult(0, empty_kv(spec, dev), 0, int(stopped_by_damage), 0)
+
+        num_tokens = hits[-1][0].end
+        shape = (num_tokens, spec.num_kv_heads, spec.head_dim)
+        out = [
+            (torch.empty(shape, dtype=spec.dtype), torch.empty(shape, dtype=spec.dtype)) for _ in range(spec.num_layers)
+        ]
+        state = _LoadState(len(hits))
+        # Layer-major order: every chunk of layer 0 is requested before layer 1's.
+        await run_all(
+            self._load_layer(spec, mid, hits, j, layer, out[layer], state)
+            for layer in range(spec.num_layers)
+            for j in range(len(hits))
+        )
+        loaded = state.first_bad
+        if loaded < len(hits):
+            await self._report_damage(spec, mid, hits[loaded][0], state.error)
+            num_tokens = hits[loaded][0].start
+            out = [(k[:num_tokens].clone(), v[:num_tokens].clone()) for k, v in out]
+        kv = tuple(out) if dev.type == "cpu" else tuple((k.to(dev), v.to(dev)) for k, v in out)
+        c = self._counters
+        c.chunks_loaded += loaded
+        c.bytes_read += state.bytes_read
+        damaged = int(loaded < len(hits)) + int(stopped_by_damage)
+        return LoadResult(num_tokens, kv, loaded, damaged, state.bytes_read)
+
+    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey) -> CommitRecord | bool | None:
+        """The chunk's commit record if valid; None if absent; False if damaged (reported)."""
+        try:
+            data = await self._get(commit_path(chunk_prefix(mid, key.digest)))
+        except ObjectNotFoundError:
+            return None
+        try:
+            commit = CommitRecord.from_msgpack(data)
+            _check_commit(commit, spec, mid, key)
+        except IntegrityError as exc:
+            await self._report_damage(spec, mid, key, exc)
+            return False
+        except FormatVersionError as exc:
+            logger.warning("chunk %s of %s was written in another format: %s", key.hex, spec.label, exc)
+            return False
+        return commit
+
+    async def _load_layer(
+        self,
+        spec: ModelSpec,
+        mid: bytes,
+        hits: list[tuple[ChunkKey, CommitRecord]],
+        j: int,
+        layer: int,
+        dest: LayerKV,
+        state: _LoadState,
+    ) -> None:
+        key, commit = hits[j]
+        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+        kb = byte_view(dest[0])[key.start * token_bytes : key.end * token_bytes]
+        vb = byte_view(dest[1])[key.start * token_bytes : key.end * token_bytes]
+        path = layer_path(chunk_prefix(mid, key.digest), layer)
+        expected_size = commit.layer_sizes[layer]
+        digest = commit.layer_digests[layer] if self.options.verify else None
+        if j >= state.first_bad:
+            return
+        async with self._limit:
+            if j >= state.first_bad:
+                return
+            self._counters.requests_get += 1
+            try:
+                if commit.codec == "none" and self._backend.reads_into_buffers:
+                    size = await self._backend.get_into(path, [memoryview(kb), memoryview(vb)])
+                    _check_size(size, expected_size)
+                    if digest is not None:
+                        await asyncio.to_thread(_verify, [kb, vb], digest)
+                else:
+                    data = await self._backend.get(path)
+                    _check_size(len(data), expected_size)
+                    codec = get_codec(commit.codec, stored=True)
+                    await asyncio.to_thread(_decode_into, codec, data, kb, vb, digest)
+                    size = len(data)
+            except (IntegrityError, ObjectNotFoundError) as exc:
+                state.fail(j, exc)
+                return
+        state.bytes_read += size
+
+    async def _report_damage(self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None) -> None:
+        self._counters.chunks_damaged += 1
+        logger.warning("damaged chunk %s (#%d of %s): %s", key.hex, key.index, spec.label, exc)
+        if not self.options.repair:
+            return
+        try:
+            async with self._limit:
+                self._counters.requests_delete += 1
+                await self._backend.delete([commit_path(chunk_prefix(mid, key.digest))])
+        except StoreUnavailableError as err:
+            logger.warning("could not retire damaged chunk %s: %s", key.hex, err)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """Release the backend's connections. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._backend.close()
+
+    async def __aenter__(self) -> KVStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _LoadState:
+    """Shared progress of one load: the first damaged chunk cuts off all later work."""
+
+    __slots__ = ("bytes_read", "error", "first_bad")
+
+    def __init__(self, num_chunks: int) -> None:
+        self.first_bad = num_chunks
+        self.bytes_read = 0
+        self.error: BaseException | None = None
+
+    def fail(self, chunk: int, exc: BaseException) -> None:
+        if chunk < self.first_bad:
+            self.first_bad, self.error = chunk, exc
+
+
+def _check_commit(commit: CommitRecord, spec: ModelSpec, mid: bytes, key: ChunkKey) -> None:
+    if commit.key != key.digest or commit.parent != key.parent or commit.index != key.index:
+        raise IntegrityError("commit record belongs to another chunk")
+    if commit.model_id != mid or commit.num_tokens != key.num_tokens:
+        raise IntegrityError("commit record does not match the model or the chunk's token count")
+    if len(commit.layer_sizes) != spec.num_layers:
+        raise IntegrityError(f"commit record lists {len(commit.layer_sizes)} layers, the model has {spec.num_layers}")
+    get_codec(commit.codec, stored=True)
+
+
+def _check_size(size: int, expected: int) -> None:
+    if size != expected:
+        raise IntegrityError(f"layer object is {size} bytes, the commit record says {expected}")
+
+
+def _verify(parts: Sequence[np.ndarray | memoryview], digest: bytes) -> None:
+    if _digest(parts) != digest:
+        raise IntegrityError("layer checksum mismatch")
+
+
+def _decode_into(codec: Codec, data: bytes, kb: np.ndarray, vb: np.ndarray, digest: bytes | None) -> None:
+    decoded = codec.decode(data, len(kb) + len(vb))
+    if digest is not None:
+        _verify([decoded], digest)
+    kb[:] = np.frombuffer(decoded, np.uint8, len(kb))
+    vb[:] = np.frombuffer(decoded, np.uint8, len(vb), len(kb))
+
+
+# ---------------------------------------------------------------------- open
+
+
+class _Opening:
+    """What ``kvstore.open`` returns: await it, or use it as ``async with``."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any]):
+        self._url = url
+        self._storage_options = storage_options
+        self._overrides = overrides
+        self._store: KVStore | None = None
+
+    def __await__(self) -> Generator[Any, None, KVStore]:
+        return _open_store(self._url, self._storage_options, self._overrides).__await__()
+
+    async def __aenter__(self) -> KVStore:
+        self._store = await _open_store(self._url, self._storage_options, self._overrides)
+        return self._store
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+def open(  # noqa: A001 - the public name the API promises
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    chunk_tokens: int | None = None,
+    codec: str = DEFAULT_CODEC,
+    max_concurrency: int = 32,
+    verify: bool = True,
+    save_tail: bool = True,
+    repair: bool = True,
+) -> _Opening:
+    """Open (creating if needed) the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
+
+    ``chunk_tokens`` is recorded when the store is created; None accepts the
+    store's value (256 for a new store), and a different value is an error.
+    """
+    overrides = {
+        "chunk_tokens": chunk_tokens,
+        "codec": codec,
+        "max_concurrency": max_concurrency,
+        "verify": verify,
+        "save_tail": save_tail,
+        "repair": repair,
+    }
+    StoreOptions(**{**overrides, "chunk_tokens": chunk_tokens or DEFAULT_CHUNK_TOKENS})  # validate now
+    return _Opening(url, storage_options, overrides)
+
+
+async def _open_store(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any]
+) -> KVStore:
+    backend = await open_object_store(url, storage_options)
+    try:
+        root = await _read_or_create_root(backend, overrides["chunk_tokens"])
+    except BaseException:
+        await backend.close()
+        raise
+    return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens}))
+
+
+async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None) -> RootRecord:
+    try:
+        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
+    except ObjectNotFoundError:
+        created = RootRecord(chunk_tokens or DEFAULT_CHUNK_TOKENS)
+        if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
+            return created
+        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))  # another process created it first
+    except IntegrityError as exc:
+        raise IntegrityError(f"{backend.url}: the root record is damaged: {exc}") from exc
+    if chunk_tokens is not None and chunk_tokens != root.chunk_tokens:
+        raise StoreConfigError(
+            f"{backend.url} was created with chunk_tokens={root.chunk_tokens}; cannot open it with {chunk_tokens}"
+        )
+    return root

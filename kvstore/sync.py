@@ -1,0 +1,103 @@
+"""Synchronous facade for callers without an event loop: same names, blocking calls.
+
+store = kvstore.sync.open("/tmp/kv")
+store.save_prefix(spec, tokens, kv)
+hit = store.load_prefix(spec, tokens)
+store.close()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from kvstore._loop import LoopThread
+from kvstore.formats.codecs import DEFAULT_CODEC
+from kvstore.formats.keys import TokenInput
+from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
+from kvstore.spec import ModelSpec
+from kvstore.store import KVStore
+from kvstore.store import open as open_async
+
+__all__ = ["SyncStore", "open"]
+
+
+class SyncStore:
+    """Blocking wrapper of a KVStore whose event loop runs in a private thread."""
+
+    def __init__(self, store: KVStore, loop: LoopThread) -> None:
+        self._store = store
+        self._loop = loop
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self._store.chunk_tokens
+
+    def save_prefix(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> SaveResult:
+        return self._loop.run(self._store.save_prefix(spec, tokens, kv))
+
+    def load_prefix(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> LoadResult:
+        return self._loop.run(self._store.load_prefix(spec, tokens, device=device))
+
+    def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
+        return self._loop.run(self._store.lookup(spec, tokens))
+
+    def stats(self) -> StoreStats:
+        return self._store.stats()
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._store.close())
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> SyncStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open(  # noqa: A001 - mirrors kvstore.open
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    chunk_tokens: int | None = None,
+    codec: str = DEFAULT_CODEC,
+    max_concurrency: int = 32,
+    verify: bool = True,
+    save_tail: bool = True,
+    repair: bool = True,
+) -> SyncStore:
+    """Open a store for blocking use; the arguments are those of ``kvstore.open``."""
+    opening = open_async(
+        url,
+        storage_options=storage_options,
+        chunk_tokens=chunk_tokens,
+        codec=codec,
+        max_concurrency=max_concurrency,
+        verify=verify,
+        save_tail=save_tail,
+        repair=repair,
+    )
+    loop = LoopThread()
+    try:
+        store = loop.run(_await(opening))
+    except BaseException:
+        loop.stop()
+        raise
+    return SyncStore(store, loop)
+
+
+async def _await(opening: Any) -> KVStore:
+    return await opening
