@@ -103,11 +103,12 @@ def _device(device: torch.device | str) -> torch.device:
         raise InvalidInputError(f"invalid device {device!r}: {exc}") from None
 
 
-def _digest(parts: Sequence[memoryview | np.ndarray]) -> bytes:
+def _digest(parts: Sequence[memoryview]) -> bytes:
     h = blake3.blake3()
     for part in parts:
         h.update(part)
-    return h.digest()
+    digest: bytes = h.digest()
+    return digest
 
 
 class KVStore:
@@ -230,7 +231,7 @@ class KVStore:
 
         def encode(layer: int) -> tuple[bytes, bytes]:
             k, v = host[layer]
-            parts = [memoryview(byte_view(k)[lo:hi]), memoryview(byte_view(v)[lo:hi])]
+            parts = [byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data]
             return self._codec.encode(parts, itemsize), _digest(parts)
 
         async def write_layer(layer: int) -> tuple[int, bytes]:
@@ -350,10 +351,10 @@ class KVStore:
             self._counters.requests_get += 1
             try:
                 if commit.codec == "none" and self._backend.reads_into_buffers:
-                    size = await self._backend.get_into(path, [memoryview(kb), memoryview(vb)])
+                    size = await self._backend.get_into(path, [kb.data, vb.data])
                     _check_size(size, expected_size)
                     if digest is not None:
-                        await asyncio.to_thread(_verify, [kb, vb], digest)
+                        await asyncio.to_thread(_verify, [kb.data, vb.data], digest)
                 else:
                     data = await self._backend.get(path)
                     _check_size(len(data), expected_size)
@@ -422,7 +423,7 @@ def _check_size(size: int, expected: int) -> None:
         raise IntegrityError(f"layer object is {size} bytes, the commit record says {expected}")
 
 
-def _verify(parts: Sequence[np.ndarray | memoryview], digest: bytes) -> None:
+def _verify(parts: Sequence[memoryview], digest: bytes) -> None:
     if _digest(parts) != digest:
         raise IntegrityError("layer checksum mismatch")
 
@@ -477,7 +478,7 @@ def open(  # noqa: A001 - the public name the API promises
     ``chunk_tokens`` is recorded when the store is created; None accepts the
     store's value (256 for a new store), and a different value is an error.
     """
-    overrides = {
+    overrides: dict[str, Any] = {
         "chunk_tokens": chunk_tokens,
         "codec": codec,
         "max_concurrency": max_concurrency,

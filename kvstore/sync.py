@@ -9,7 +9,7 @@ store.close()
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -99,5 +99,5 @@ def open(  # noqa: A001 - mirrors kvstore.open
     return SyncStore(store, loop)
 
 
-async def _await(opening: Any) -> KVStore:
+async def _await(opening: Awaitable[KVStore]) -> KVStore:
     return await opening

@@ -70,7 +70,8 @@ class _Lz4Block(Codec):
         return [_BYTES_CODEC, {"name": "numcodecs.lz4", "configuration": {"acceleration": 1}}]
 
     def encode(self, parts: list[memoryview], itemsize: int) -> bytes:
-        return lz4.block.compress(b"".join(parts), store_size=True)
+        out: bytes = lz4.block.compress(b"".join(parts), store_size=True)
+        return out
 
     def decode(self, data: Buffer, nbytes: int) -> memoryview:
         if len(data) < 4 or int.from_bytes(bytes(data[:4]), "little") != nbytes:

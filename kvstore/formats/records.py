@@ -71,7 +71,8 @@ def _get_number(obj: dict[str, Any], name: str, kind: str) -> float:
 
 
 def _pack(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

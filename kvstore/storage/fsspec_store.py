@@ -8,6 +8,7 @@ threads. An async filesystem is bound to the event loop it was created in, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -56,11 +57,10 @@ class FsspecObjectStore(ObjectStore):
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         path = self._path(key)
         with translate_errors(self.url, key):
-            if create_only:
-                # Conditional PUT support varies by backend and server, so check first;
-                # the race only matters for records whose concurrent writers agree.
-                if await self._exists(path):
-                    return False
+            # Conditional PUT support varies by backend and server, so check first;
+            # the race only matters for records whose concurrent writers agree.
+            if create_only and await self._exists(path):
+                return False
             await self._call("pipe_file", path, data)
         return True
 
@@ -99,11 +99,8 @@ class FsspecObjectStore(ObjectStore):
         if not keys:
             return
         paths = [self._path(k) for k in keys]
-        with translate_errors(self.url, keys[0]):
-            try:
-                await self._call("rm", paths)
-            except FileNotFoundError:
-                pass
+        with translate_errors(self.url, keys[0]), contextlib.suppress(FileNotFoundError):
+            await self._call("rm", paths)
 
     async def close(self) -> None:
         creator = getattr(self.fs, "_s3creator", None)
