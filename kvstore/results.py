@@ -59,3 +59,4 @@ class StoreStats:
     requests_put: int
     requests_head: int
     requests_delete: int
+    requests_list: int

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import numpy as np
@@ -30,14 +30,17 @@ from kvstore.errors import (
 )
 from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
 from kvstore.formats.dtypes import dtype_info
-from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, normalize_tokens
+from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, next_key, normalize_tokens
 from kvstore.formats.layout import (
+    MODELS_DIR,
     ROOT_RECORD,
     ZARR_JSON,
     chunk_prefix,
     commit_path,
     layer_path,
     model_record_path,
+    parse_tail_marker,
+    tails_prefix,
     zarr_array_metadata,
 )
 from kvstore.formats.records import CommitRecord, ModelRecord, RootRecord
@@ -51,6 +54,8 @@ __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions", "open"]
 logger = logging.getLogger("kvstore")
 
 DEFAULT_CHUNK_TOKENS = 256
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,7 @@ class _Counters:
     requests_put: int = 0
     requests_head: int = 0
     requests_delete: int = 0
+    requests_list: int = 0
 
 
 def _check_spec(spec: object) -> ModelSpec:
@@ -163,19 +169,53 @@ class KVStore:
     # ------------------------------------------------------------------ lookup
 
     async def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
-        """Number of leading tokens whose KV is cached; one concurrent round of existence checks."""
+        """Number of leading tokens whose KV is cached, without moving tensor data.
+
+        One concurrent round of existence checks; when the chain stops short,
+        one listing finds a saved partial chunk that the query extends.
+        """
         self._check_open()
         spec = _check_spec(spec)
-        keys = self._keys(spec, normalize_tokens(tokens), include_tail=True)
+        arr = normalize_tokens(tokens)
         self._counters.lookups += 1
         mid = model_id(spec)
-        present = await run_all(self._head(commit_path(chunk_prefix(mid, k.digest))) for k in keys)
-        covered = 0
-        for key, ok in zip(keys, present, strict=True):
-            if not ok:
+
+        async def probe(key: ChunkKey) -> bool | None:
+            return True if await self._head(commit_path(chunk_prefix(mid, key.digest))) else None
+
+        hits = await self._find_chain(spec, mid, arr, probe)
+        return hits[-1][0].end if hits else 0
+
+    async def _find_chain(
+        self, spec: ModelSpec, mid: bytes, tokens: np.ndarray, probe: Callable[[ChunkKey], Awaitable[R | None]]
+    ) -> list[tuple[ChunkKey, R]]:
+        """The longest run of present chunks from the start, ``probe`` giving None for absent."""
+        keys = self._keys(spec, tokens, include_tail=True)
+        found = await run_all(probe(k) for k in keys)
+        hits: list[tuple[ChunkKey, R]] = []
+        for key, value in zip(keys, found, strict=True):
+            if value is None:
                 break
-            covered = key.end
-        return covered
+            hits.append((key, value))
+        if len(hits) < len(keys):
+            tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], probe)
+            if tail is not None:
+                hits.append(tail)
+        return hits
+
+    async def _find_saved_tail(
+        self, mid: bytes, tokens: np.ndarray, missed: ChunkKey, probe: Callable[[ChunkKey], Awaitable[R | None]]
+    ) -> tuple[ChunkKey, R] | None:
+        """A saved partial chunk shorter than ``missed``, at its position, that ``tokens`` extend."""
+        async with self._limit:
+            self._counters.requests_list += 1
+            listing = [m.key async for m in self._backend.list(tails_prefix(mid, missed.parent))]
+        lengths = sorted({n for k in listing if (n := parse_tail_marker(k)) and n < missed.num_tokens}, reverse=True)
+        candidates = [next_key(missed.parent, missed.index, tokens, missed.start, missed.start + n) for n in lengths]
+        for key, value in zip(candidates, await run_all(probe(c) for c in candidates), strict=True):
+            if value is not None:
+                return key, value
+        return None
 
     # ------------------------------------------------------------------ save
 
@@ -257,7 +297,11 @@ class KVStore:
             layer_digests=tuple(digest for _, digest in layers),
         ).to_msgpack()
         await self._put(commit_path(prefix), commit)
-        return len(meta) + len(commit) + sum(size for size, _ in layers), spec.num_layers + 2
+        nbytes, nobjects = len(meta) + len(commit) + sum(size for size, _ in layers), spec.num_layers + 2
+        if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
+            await self._put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
+            nbytes, nobjects = nbytes + len(key.digest), nobjects + 1
+        return nbytes, nobjects
 
     # ------------------------------------------------------------------ load
 
@@ -272,25 +316,20 @@ class KVStore:
         self._check_open()
         spec = _check_spec(spec)
         dev = _device(device)
-        keys = self._keys(spec, normalize_tokens(tokens), include_tail=True)
+        arr = normalize_tokens(tokens)
         self._counters.loads += 1
         mid = model_id(spec)
-        commits = await run_all(self._read_commit(spec, mid, k) for k in keys)
-        hits: list[tuple[ChunkKey, CommitRecord]] = []
-        for key, commit in zip(keys, commits, strict=True):
-            if not isinstance(commit, CommitRecord):
-                break
-            hits.append((key, commit))
-        stopped_by_damage = len(hits) < len(commits) and commits[len(hits)] is False
+        state = _LoadState()
+        hits = await self._find_chain(spec, mid, arr, lambda key: self._read_commit(spec, mid, key, state))
         if not hits:
-            return LoadResult(0, empty_kv(spec, dev), 0, int(stopped_by_damage), 0)
+            return LoadResult(0, empty_kv(spec, dev), 0, state.damaged, 0)
 
         num_tokens = hits[-1][0].end
         shape = (num_tokens, spec.num_kv_heads, spec.head_dim)
         out = [
             (torch.empty(shape, dtype=spec.dtype), torch.empty(shape, dtype=spec.dtype)) for _ in range(spec.num_layers)
         ]
-        state = _LoadState(len(hits))
+        state.first_bad = len(hits)
         # Layer-major order: every chunk of layer 0 is requested before layer 1's.
         await run_all(
             self._load_layer(spec, mid, hits, j, layer, out[layer], state)
@@ -299,18 +338,17 @@ class KVStore:
         )
         loaded = state.first_bad
         if loaded < len(hits):
-            await self._report_damage(spec, mid, hits[loaded][0], state.error)
+            await self._report_damage(spec, mid, hits[loaded][0], state.error, state)
             num_tokens = hits[loaded][0].start
             out = [(k[:num_tokens].clone(), v[:num_tokens].clone()) for k, v in out]
         kv = tuple(out) if dev.type == "cpu" else tuple((k.to(dev), v.to(dev)) for k, v in out)
         c = self._counters
         c.chunks_loaded += loaded
         c.bytes_read += state.bytes_read
-        damaged = int(loaded < len(hits)) + int(stopped_by_damage)
-        return LoadResult(num_tokens, kv, loaded, damaged, state.bytes_read)
+        return LoadResult(num_tokens, kv, loaded, state.damaged, state.bytes_read)
 
-    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey) -> CommitRecord | bool | None:
-        """The chunk's commit record if valid; None if absent; False if damaged (reported)."""
+    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey, state: _LoadState) -> CommitRecord | None:
+        """The chunk's commit record if present and valid, else None (damage is reported)."""
         try:
             data = await self._get(commit_path(chunk_prefix(mid, key.digest)))
         except ObjectNotFoundError:
@@ -319,11 +357,11 @@ class KVStore:
             commit = CommitRecord.from_msgpack(data)
             _check_commit(commit, spec, mid, key)
         except IntegrityError as exc:
-            await self._report_damage(spec, mid, key, exc)
-            return False
+            await self._report_damage(spec, mid, key, exc, state)
+            return None
         except FormatVersionError as exc:
             logger.warning("chunk %s of %s was written in another format: %s", key.hex, spec.label, exc)
-            return False
+            return None
         return commit
 
     async def _load_layer(
@@ -366,7 +404,10 @@ class KVStore:
                 return
         state.bytes_read += size
 
-    async def _report_damage(self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None) -> None:
+    async def _report_damage(
+        self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None, state: _LoadState
+    ) -> None:
+        state.damaged += 1
         self._counters.chunks_damaged += 1
         logger.warning("damaged chunk %s (#%d of %s): %s", key.hex, key.index, spec.label, exc)
         if not self.options.repair:
@@ -377,6 +418,20 @@ class KVStore:
                 await self._backend.delete([commit_path(chunk_prefix(mid, key.digest))])
         except StoreUnavailableError as err:
             logger.warning("could not retire damaged chunk %s: %s", key.hex, err)
+
+    # ------------------------------------------------------------------ models
+
+    async def models(self) -> list[ModelRecord]:
+        """Model records in this store (every spec that was ever saved), sorted by name and version."""
+        self._check_open()
+        keys = [m.key async for m in self._backend.list(MODELS_DIR + "/") if m.key.endswith(".msgpack")]
+        records = []
+        for data in await run_all(self._get(k) for k in keys):
+            try:
+                records.append(ModelRecord.from_msgpack(data))
+            except (IntegrityError, FormatVersionError) as exc:
+                logger.warning("skipping unreadable model record: %s", exc)
+        return sorted(records, key=lambda r: (r.spec.name, r.spec.version))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -396,11 +451,12 @@ class KVStore:
 class _LoadState:
     """Shared progress of one load: the first damaged chunk cuts off all later work."""
 
-    __slots__ = ("bytes_read", "error", "first_bad")
+    __slots__ = ("bytes_read", "damaged", "error", "first_bad")
 
-    def __init__(self, num_chunks: int) -> None:
-        self.first_bad = num_chunks
+    def __init__(self) -> None:
+        self.first_bad = 0
         self.bytes_read = 0
+        self.damaged = 0
         self.error: BaseException | None = None
 
     def fail(self, chunk: int, exc: BaseException) -> None:
@@ -442,17 +498,24 @@ def _decode_into(codec: Codec, data: bytes, kb: np.ndarray, vb: np.ndarray, dige
 class _Opening:
     """What ``kvstore.open`` returns: await it, or use it as ``async with``."""
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any]):
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None,
+        overrides: dict[str, Any],
+        create: bool,
+    ):
         self._url = url
         self._storage_options = storage_options
         self._overrides = overrides
+        self._create = create
         self._store: KVStore | None = None
 
     def __await__(self) -> Generator[Any, None, KVStore]:
-        return _open_store(self._url, self._storage_options, self._overrides).__await__()
+        return _open_store(self._url, self._storage_options, self._overrides, self._create).__await__()
 
     async def __aenter__(self) -> KVStore:
-        self._store = await _open_store(self._url, self._storage_options, self._overrides)
+        self._store = await self
         return self._store
 
     async def __aexit__(
@@ -472,9 +535,11 @@ def open(  # noqa: A001 - the public name the API promises
     verify: bool = True,
     save_tail: bool = True,
     repair: bool = True,
+    create: bool = True,
 ) -> _Opening:
-    """Open (creating if needed) the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
+    """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
+    A store that does not exist yet is created unless ``create`` is false.
     ``chunk_tokens`` is recorded when the store is created; None accepts the
     store's value (256 for a new store), and a different value is an error.
     """
@@ -487,25 +552,29 @@ def open(  # noqa: A001 - the public name the API promises
         "repair": repair,
     }
     StoreOptions(**{**overrides, "chunk_tokens": chunk_tokens or DEFAULT_CHUNK_TOKENS})  # validate now
-    return _Opening(url, storage_options, overrides)
+    return _Opening(url, storage_options, overrides, create)
 
 
 async def _open_store(
-    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any]
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any], create: bool
 ) -> KVStore:
     backend = await open_object_store(url, storage_options)
     try:
-        root = await _read_or_create_root(backend, overrides["chunk_tokens"])
+        root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
     except BaseException:
         await backend.close()
         raise
     return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens}))
 
 
-async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None) -> RootRecord:
+async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, create: bool) -> RootRecord:
     try:
         root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
     except ObjectNotFoundError:
+        if not create:
+            raise StoreConfigError(
+                f"{backend.url}: no kvstore store here (open with create=True to make one)"
+            ) from None
         created = RootRecord(chunk_tokens or DEFAULT_CHUNK_TOKENS)
         if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
             return created

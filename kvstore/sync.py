@@ -18,6 +18,7 @@ import torch
 from kvstore._loop import LoopThread
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.keys import TokenInput
+from kvstore.formats.records import ModelRecord
 from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.store import KVStore
@@ -50,6 +51,9 @@ class SyncStore:
     def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
         return self._loop.run(self._store.lookup(spec, tokens))
 
+    def models(self) -> list[ModelRecord]:
+        return self._loop.run(self._store.models())
+
     def stats(self) -> StoreStats:
         return self._store.stats()
 
@@ -78,6 +82,7 @@ def open(  # noqa: A001 - mirrors kvstore.open
     verify: bool = True,
     save_tail: bool = True,
     repair: bool = True,
+    create: bool = True,
 ) -> SyncStore:
     """Open a store for blocking use; the arguments are those of ``kvstore.open``."""
     opening = open_async(
@@ -89,6 +94,7 @@ def open(  # noqa: A001 - mirrors kvstore.open
         verify=verify,
         save_tail=save_tail,
         repair=repair,
+        create=create,
     )
     loop = LoopThread()
     try:

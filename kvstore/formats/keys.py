@@ -31,6 +31,7 @@ __all__ = [
     "chunk_keys",
     "key_root",
     "model_id",
+    "next_key",
     "normalize_tokens",
 ]
 
@@ -115,15 +116,19 @@ def chunk_keys(spec: ModelSpec, tokens: np.ndarray, chunk_tokens: int, *, includ
     stops = list(range(chunk_tokens, end_full + 1, chunk_tokens))
     if include_tail and end_full < n:
         stops.append(n)
-    raw = memoryview(tokens.tobytes())
     keys: list[ChunkKey] = []
     prev = key_root(spec, chunk_tokens)
     start = 0
     for i, stop in enumerate(stops):
-        h = blake3.blake3(prev)
-        h.update((stop - start).to_bytes(4, "little"))
-        h.update(raw[4 * start : 4 * stop])
-        digest = h.digest()
-        keys.append(ChunkKey(digest, prev, i, start, stop))
-        prev, start = digest, stop
+        key = next_key(prev, i, tokens, start, stop)
+        keys.append(key)
+        prev, start = key.digest, stop
     return keys
+
+
+def next_key(parent: bytes, index: int, tokens: np.ndarray, start: int, end: int) -> ChunkKey:
+    """The key of chunk ``index`` covering ``tokens[start:end]``, chained on ``parent``."""
+    h = blake3.blake3(parent)
+    h.update((end - start).to_bytes(4, "little"))
+    h.update(tokens[start:end].view(np.uint8).data)
+    return ChunkKey(h.digest(), parent, index, start, end)

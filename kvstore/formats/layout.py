@@ -6,6 +6,7 @@
         zarr.json                                     array metadata
         c/<layer>/0/0/0/0                             layer object: K then V of one layer
         commit.msgpack                                commit record, written last
+        tails/<n>                                     marker: a partial chunk of n tokens follows this one
 
 Keys and model ids are lower-case hex. The two-level fan-out keeps any one
 directory (or listing prefix) to at most 256 entries before the chunk level.
@@ -22,7 +23,9 @@ from kvstore.formats.dtypes import dtype_info
 from kvstore.spec import ModelSpec
 
 __all__ = [
+    "CHUNKS_DIR",
     "COMMIT_NAME",
+    "MODELS_DIR",
     "ROOT_RECORD",
     "ZARR_JSON",
     "chunk_prefix",
@@ -30,6 +33,8 @@ __all__ = [
     "layer_path",
     "model_chunks_prefix",
     "model_record_path",
+    "parse_tail_marker",
+    "tails_prefix",
     "zarr_array_metadata",
 ]
 
@@ -38,6 +43,7 @@ MODELS_DIR = "models"
 CHUNKS_DIR = "chunks"
 ZARR_JSON = "zarr.json"
 COMMIT_NAME = "commit.msgpack"
+TAILS_DIR = "tails"
 DIMENSION_NAMES = ("layer", "kv", "token", "head", "dim")
 
 
@@ -61,6 +67,21 @@ def layer_path(chunk: str, layer: int) -> str:
 
 def commit_path(chunk: str) -> str:
     return f"{chunk}{COMMIT_NAME}"
+
+
+def tails_prefix(model_id: bytes, parent: bytes) -> str:
+    """Where markers of partial (tail) chunks chained on ``parent`` live.
+
+    A query that extends a saved prompt cannot derive the saved tail's length;
+    listing these markers finds it with one request.
+    """
+    return f"{chunk_prefix(model_id, parent)}{TAILS_DIR}/"
+
+
+def parse_tail_marker(key: str) -> int | None:
+    """The token count in a tail marker's key, or None if the name is not a marker."""
+    name = key.rsplit("/", 1)[-1]
+    return int(name) if name.isdigit() and len(name) < 9 else None
 
 
 @lru_cache(maxsize=256)
