@@ -21,9 +21,10 @@ from kvstore.errors import (
     StoreUnavailableError,
 )
 from kvstore.formats import FORMAT_VERSION
+from kvstore.opening import open
 from kvstore.results import LoadResult, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
-from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions, open
+from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 from kvstore.sync import SyncStore
 
 __version__ = "0.1.0"

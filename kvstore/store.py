@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import blake3
 import numpy as np
@@ -25,7 +23,6 @@ from kvstore.errors import (
     IntegrityError,
     InvalidInputError,
     ObjectNotFoundError,
-    StoreConfigError,
     StoreUnavailableError,
 )
 from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
@@ -33,7 +30,6 @@ from kvstore.formats.dtypes import dtype_info
 from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, next_key, normalize_tokens
 from kvstore.formats.layout import (
     MODELS_DIR,
-    ROOT_RECORD,
     ZARR_JSON,
     chunk_prefix,
     commit_path,
@@ -43,13 +39,13 @@ from kvstore.formats.layout import (
     tails_prefix,
     zarr_array_metadata,
 )
-from kvstore.formats.records import CommitRecord, ModelRecord, RootRecord
+from kvstore.formats.records import CommitRecord, ModelRecord
 from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
-from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage import ObjectStore
 from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions", "open"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 
 logger = logging.getLogger("kvstore")
 
@@ -490,99 +486,3 @@ def _decode_into(codec: Codec, data: bytes, kb: np.ndarray, vb: np.ndarray, dige
         _verify([decoded], digest)
     kb[:] = np.frombuffer(decoded, np.uint8, len(kb))
     vb[:] = np.frombuffer(decoded, np.uint8, len(vb), len(kb))
-
-
-# ---------------------------------------------------------------------- open
-
-
-class _Opening:
-    """What ``kvstore.open`` returns: await it, or use it as ``async with``."""
-
-    def __init__(
-        self,
-        url: str | os.PathLike[str],
-        storage_options: dict[str, Any] | None,
-        overrides: dict[str, Any],
-        create: bool,
-    ):
-        self._url = url
-        self._storage_options = storage_options
-        self._overrides = overrides
-        self._create = create
-        self._store: KVStore | None = None
-
-    def __await__(self) -> Generator[Any, None, KVStore]:
-        return _open_store(self._url, self._storage_options, self._overrides, self._create).__await__()
-
-    async def __aenter__(self) -> KVStore:
-        self._store = await self
-        return self._store
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._store is not None:
-            await self._store.close()
-
-
-def open(  # noqa: A001 - the public name the API promises
-    url: str | os.PathLike[str],
-    *,
-    storage_options: dict[str, Any] | None = None,
-    chunk_tokens: int | None = None,
-    codec: str = DEFAULT_CODEC,
-    max_concurrency: int = 32,
-    verify: bool = True,
-    save_tail: bool = True,
-    repair: bool = True,
-    create: bool = True,
-) -> _Opening:
-    """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
-
-    A store that does not exist yet is created unless ``create`` is false.
-    ``chunk_tokens`` is recorded when the store is created; None accepts the
-    store's value (256 for a new store), and a different value is an error.
-    """
-    overrides: dict[str, Any] = {
-        "chunk_tokens": chunk_tokens,
-        "codec": codec,
-        "max_concurrency": max_concurrency,
-        "verify": verify,
-        "save_tail": save_tail,
-        "repair": repair,
-    }
-    StoreOptions(**{**overrides, "chunk_tokens": chunk_tokens or DEFAULT_CHUNK_TOKENS})  # validate now
-    return _Opening(url, storage_options, overrides, create)
-
-
-async def _open_store(
-    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any], create: bool
-) -> KVStore:
-    backend = await open_object_store(url, storage_options)
-    try:
-        root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
-    except BaseException:
-        await backend.close()
-        raise
-    return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens}))
-
-
-async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, create: bool) -> RootRecord:
-    try:
-        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
-    except ObjectNotFoundError:
-        if not create:
-            raise StoreConfigError(
-                f"{backend.url}: no kvstore store here (open with create=True to make one)"
-            ) from None
-        created = RootRecord(chunk_tokens or DEFAULT_CHUNK_TOKENS)
-        if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
-            return created
-        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))  # another process created it first
-    except IntegrityError as exc:
-        raise IntegrityError(f"{backend.url}: the root record is damaged: {exc}") from exc
-    if chunk_tokens is not None and chunk_tokens != root.chunk_tokens:
-        raise StoreConfigError(
-            f"{backend.url} was created with chunk_tokens={root.chunk_tokens}; cannot open it with {chunk_tokens}"
-        )
-    return root

@@ -19,10 +19,10 @@ from kvstore._loop import LoopThread
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.keys import TokenInput
 from kvstore.formats.records import ModelRecord
+from kvstore.opening import open as open_async
 from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.store import KVStore
-from kvstore.store import open as open_async
 
 __all__ = ["SyncStore", "open"]
 

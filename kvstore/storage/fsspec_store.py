@@ -17,7 +17,7 @@ from fsspec.asyn import AsyncFileSystem
 
 from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
 
-__all__ = ["FsspecObjectStore", "open_fsspec"]
+__all__ = ["FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -59,16 +59,9 @@ class FsspecObjectStore(ObjectStore):
         with translate_errors(self.url, key):
             # Conditional PUT support varies by backend and server, so check first;
             # the race only matters for records whose concurrent writers agree.
-            if create_only and await self._exists(path):
+            if create_only and await self.head(key) is not None:
                 return False
             await self._call("pipe_file", path, data)
-        return True
-
-    async def _exists(self, path: str) -> bool:
-        try:
-            await self._call("info", path)
-        except FileNotFoundError:
-            return False
         return True
 
     async def head(self, key: str) -> ObjectMeta | None:
@@ -108,6 +101,20 @@ class FsspecObjectStore(ObjectStore):
             await creator.__aexit__(None, None, None)
 
 
+class S3ObjectStore(FsspecObjectStore):
+    """s3fs with one request per HEAD: s3fs's ``info`` follows a 404 with a LIST (a directory probe)."""
+
+    async def head(self, key: str) -> ObjectMeta | None:
+        bucket, _, object_key = self._path(key).partition("/")
+        with translate_errors(self.url, key):
+            try:
+                resp = await self.fs._call_s3("head_object", Bucket=bucket, Key=object_key)
+            except FileNotFoundError:
+                return None
+        modified = resp.get("LastModified")
+        return ObjectMeta(key, int(resp.get("ContentLength", 0)), modified.timestamp() if modified else None)
+
+
 async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -> FsspecObjectStore:
     """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache)."""
     protocol, _, _ = url.partition("://")
@@ -126,4 +133,5 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
     root = cls._strip_protocol(url)
     if isinstance(root, list):  # pragma: no cover - fsspec typing allows lists
         root = root[0]
-    return FsspecObjectStore(fs, str(root), url)
+    store_cls = S3ObjectStore if protocol in ("s3", "s3a") else FsspecObjectStore
+    return store_cls(fs, str(root), url)

@@ -1,0 +1,110 @@
+"""Opening a store: ``kvstore.open`` and the root record that fixes a store's settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any
+
+from kvstore.errors import IntegrityError, ObjectNotFoundError, StoreConfigError
+from kvstore.formats.codecs import DEFAULT_CODEC
+from kvstore.formats.layout import ROOT_RECORD
+from kvstore.formats.records import RootRecord
+from kvstore.storage import ObjectStore, open_object_store
+from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
+
+__all__ = ["open"]
+
+
+class _Opening:
+    """What ``kvstore.open`` returns: await it, or use it as ``async with``."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None,
+        overrides: dict[str, Any],
+        create: bool,
+    ):
+        self._url = url
+        self._storage_options = storage_options
+        self._overrides = overrides
+        self._create = create
+        self._store: KVStore | None = None
+
+    def __await__(self) -> Generator[Any, None, KVStore]:
+        return _open_store(self._url, self._storage_options, self._overrides, self._create).__await__()
+
+    async def __aenter__(self) -> KVStore:
+        self._store = await self
+        return self._store
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+def open(  # noqa: A001 - the public name the API promises
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    chunk_tokens: int | None = None,
+    codec: str = DEFAULT_CODEC,
+    max_concurrency: int = 32,
+    verify: bool = True,
+    save_tail: bool = True,
+    repair: bool = True,
+    create: bool = True,
+) -> _Opening:
+    """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
+
+    A store that does not exist yet is created unless ``create`` is false.
+    ``chunk_tokens`` is recorded when the store is created; None accepts the
+    store's value (256 for a new store), and a different value is an error.
+    """
+    overrides: dict[str, Any] = {
+        "chunk_tokens": chunk_tokens,
+        "codec": codec,
+        "max_concurrency": max_concurrency,
+        "verify": verify,
+        "save_tail": save_tail,
+        "repair": repair,
+    }
+    StoreOptions(**{**overrides, "chunk_tokens": chunk_tokens or DEFAULT_CHUNK_TOKENS})  # validate now
+    return _Opening(url, storage_options, overrides, create)
+
+
+async def _open_store(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any], create: bool
+) -> KVStore:
+    backend = await open_object_store(url, storage_options)
+    try:
+        root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
+    except BaseException:
+        await backend.close()
+        raise
+    return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens}))
+
+
+async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, create: bool) -> RootRecord:
+    try:
+        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
+    except ObjectNotFoundError:
+        if not create:
+            raise StoreConfigError(
+                f"{backend.url}: no kvstore store here (open with create=True to make one)"
+            ) from None
+        created = RootRecord(chunk_tokens or DEFAULT_CHUNK_TOKENS)
+        if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
+            return created
+        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))  # another process created it first
+    except IntegrityError as exc:
+        raise IntegrityError(f"{backend.url}: the root record is damaged: {exc}") from exc
+    if chunk_tokens is not None and chunk_tokens != root.chunk_tokens:
+        raise StoreConfigError(
+            f"{backend.url} was created with chunk_tokens={root.chunk_tokens}; cannot open it with {chunk_tokens}"
+        )
+    return root
