@@ -101,7 +101,7 @@ class LocalObjectStore(ObjectStore):
             for path, is_dir, size, mtime in entries:
                 if is_dir:
                     pending.append(path)
-                elif _TMP_MARK not in path.name:
+                else:  # temporary files of crashed writers are listed too: they are garbage to collect
                     yield ObjectMeta(path.relative_to(self.root).as_posix(), size, mtime)
 
     async def delete(self, keys: Sequence[str]) -> None:
