@@ -50,13 +50,13 @@ async def main(url: str) -> None:
         )
 
         # The same prefix followed by a new question: the cached part hits.
-        prompt = system_prompt + [7, 8, 9]
+        prompt = [*system_prompt, 7, 8, 9]
         print(f"lookup   {await store.lookup(SPEC, prompt)} of {len(prompt)} tokens are cached")
 
         t0 = time.perf_counter()
         hit = await store.load_prefix(SPEC, prompt, device="cpu")
         t_load = time.perf_counter() - t0
-        k0, v0 = hit.kv[0]
+        k0, _ = hit.kv[0]
         print(
             f"loaded   {hit.num_tokens} tokens ({hit.chunks_loaded} chunks, {hit.bytes_read / 2**20:.1f} MiB) "
             f"in {t_load * 1e3:.0f} ms; layer 0 K {tuple(k0.shape)} {k0.dtype}"
