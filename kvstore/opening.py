@@ -73,7 +73,7 @@ def open(  # noqa: A001 - the public name the API promises
         "save_tail": save_tail,
         "repair": repair,
     }
-    StoreOptions(**{**overrides, "chunk_tokens": chunk_tokens or DEFAULT_CHUNK_TOKENS})  # validate now
+    StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create)
 
 
@@ -97,7 +97,7 @@ async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, c
             raise StoreConfigError(
                 f"{backend.url}: no kvstore store here (open with create=True to make one)"
             ) from None
-        created = RootRecord(chunk_tokens or DEFAULT_CHUNK_TOKENS)
+        created = RootRecord(DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens)
         if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
             return created
         root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))  # another process created it first

@@ -6,9 +6,10 @@ translate backend exceptions into kvstore's tree (see ``translate_errors``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.errors import (
@@ -41,20 +42,38 @@ class ObjectStore(ABC):
     async def get(self, key: str) -> bytes:
         """Return the object's bytes; raise ObjectNotFoundError if it does not exist."""
 
-    async def get_into(self, key: str, buffers: Sequence[memoryview]) -> int:
+    async def get_into(
+        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
         """Fill ``buffers`` in order from the object's bytes; return the object's size.
 
         The object must be exactly as large as the buffers together; a size
-        mismatch is returned (not raised) so callers decide. Backends that can
+        mismatch is returned (not raised) so callers decide. ``then(size)`` runs
+        in the worker thread right after the read, while the bytes are still in
+        the CPU cache (checksums); what it raises propagates. Backends that can
         read straight into caller memory override this to skip a copy.
         """
         data = memoryview(await self.get(key))
-        if len(data) == sum(len(b) for b in buffers):
-            offset = 0
-            for buf in buffers:
-                buf[:] = data[offset : offset + len(buf)]
-                offset += len(buf)
+
+        def fill() -> None:
+            if len(data) == sum(len(b) for b in buffers):
+                offset = 0
+                for buf in buffers:
+                    buf[:] = data[offset : offset + len(buf)]
+                    offset += len(buf)
+            if then is not None:
+                then(len(data))
+
+        await asyncio.to_thread(fill)
         return len(data)
+
+    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
+        """Store the concatenation of ``parts`` at ``key`` (overwrite), atomically for readers.
+
+        Backends that can write from several buffers (``writev``) override this
+        to skip the concatenation copy.
+        """
+        await self.put(key, b"".join(parts))
 
     @abstractmethod
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:

@@ -57,11 +57,17 @@ class FsspecObjectStore(ObjectStore):
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         path = self._path(key)
         with translate_errors(self.url, key):
-            # Conditional PUT support varies by backend and server, so check first;
-            # the race only matters for records whose concurrent writers agree.
-            if create_only and await self.head(key) is not None:
+            if not create_only:
+                await self._call("pipe_file", path, data)
+                return True
+            # Check first (cheap, and a guard where a server ignores conditional PUTs), then
+            # create atomically: S3 sends If-None-Match: *, other filesystems open with "xb".
+            if await self.head(key) is not None:
                 return False
-            await self._call("pipe_file", path, data)
+            try:
+                await self._call("pipe_file", path, data, mode="create")
+            except FileExistsError:
+                return False
         return True
 
     async def head(self, key: str) -> ObjectMeta | None:
@@ -92,8 +98,14 @@ class FsspecObjectStore(ObjectStore):
         if not keys:
             return
         paths = [self._path(k) for k in keys]
-        with translate_errors(self.url, keys[0]), contextlib.suppress(FileNotFoundError):
-            await self._call("rm", paths)
+        with translate_errors(self.url, keys[0]):
+            try:
+                await self._call("rm", paths)
+            except FileNotFoundError:
+                # Some filesystems (memory) stop at the first missing path: delete the rest one by one.
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        await self._call("rm_file", path)
 
     async def close(self) -> None:
         creator = getattr(self.fs, "_s3creator", None)

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+from kvstore.errors import ObjectNotFoundError
 from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
 
 __all__ = ["LocalObjectStore"]
 
 _TMP_MARK = ".tmp-"
+# A directory, or a path below a file, is no object: the key is missing, as on an object store.
+_NO_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class LocalObjectStore(ObjectStore):
@@ -35,56 +39,90 @@ class LocalObjectStore(ObjectStore):
 
     async def get(self, key: str) -> bytes:
         with translate_errors(self.url, key):
-            return await asyncio.to_thread(self._path(key).read_bytes)
+            try:
+                return await asyncio.to_thread(self._path(key).read_bytes)
+            except _NO_OBJECT as exc:
+                raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
-    async def get_into(self, key: str, buffers: Sequence[memoryview]) -> int:
+    async def get_into(
+        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
         with translate_errors(self.url, key):
-            return await asyncio.to_thread(self._read_into, self._path(key), buffers)
+            try:
+                return await asyncio.to_thread(self._read_into, self._path(key), buffers, then)
+            except _NO_OBJECT as exc:
+                raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
     @staticmethod
-    def _read_into(path: Path, buffers: Sequence[memoryview]) -> int:
+    def _read_into(path: Path, buffers: Sequence[memoryview], then: Callable[[int], None] | None) -> int:
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(str(path))
+            size = st.st_size
             if size == sum(len(b) for b in buffers):
                 done = os.preadv(fd, list(buffers), 0)
                 if done != size:  # short read: the file shrank under us
-                    return done
-            return size
+                    size = done
         finally:
             os.close(fd)
+        if then is not None:
+            then(size)
+        return size
+
+    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
+        with translate_errors(self.url, key):
+            await asyncio.to_thread(self._write, self._path(key), parts, False)
+
+    @staticmethod
+    def _open_tmp(path: Path) -> Path:
+        """Create an empty temporary file beside ``path`` (and its directory on first use)."""
+        tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
+        os.close(fd)
+        return tmp
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         with translate_errors(self.url, key):
-            return await asyncio.to_thread(self._write, self._path(key), data, create_only)
+            return await asyncio.to_thread(self._write, self._path(key), [memoryview(data)], create_only)
 
-    def _write(self, path: Path, data: bytes, create_only: bool) -> bool:
+    def _write(self, path: Path, parts: Sequence[memoryview], create_only: bool) -> bool:
+        """``writev`` into a temporary file, then publish it: ``rename``, or ``link`` for create-only."""
         if create_only and path.exists():
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = self._open_tmp(path)
+        published = False
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            with open(tmp, "r+b", buffering=0) as f:
+                _write_all(f.fileno(), parts)
                 if self.fsync:
-                    f.flush()
                     os.fsync(f.fileno())
-            if create_only:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-            else:
+            if not create_only:
                 os.replace(tmp, path)
+                published = True
+                return True
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
         finally:
-            tmp.unlink(missing_ok=True)
-        return True
+            if not published:
+                tmp.unlink(missing_ok=True)
 
     async def head(self, key: str) -> ObjectMeta | None:
         with translate_errors(self.url, key):
             try:
                 st = await asyncio.to_thread(os.stat, self._path(key))
-            except FileNotFoundError:
+            except _NO_OBJECT:
+                return None
+            if not stat.S_ISREG(st.st_mode):
                 return None
             return ObjectMeta(key, st.st_size, st.st_mtime)
 
@@ -123,3 +161,15 @@ def _scan(directory: Path) -> list[tuple[Path, bool, int, float]]:
                 st = entry.stat(follow_symlinks=False)
                 out.append((Path(entry.path), False, st.st_size, st.st_mtime))
     return out
+
+
+def _write_all(fd: int, parts: Sequence[memoryview]) -> None:
+    """``writev`` every byte of ``parts`` (a short write resumes where it stopped)."""
+    pending = [memoryview(p).cast("B") for p in parts if len(p)]
+    while pending:
+        done = os.writev(fd, pending)
+        while pending and done >= len(pending[0]):
+            done -= len(pending[0])
+            pending.pop(0)
+        if pending and done:
+            pending[0] = pending[0][done:]

@@ -1,0 +1,152 @@
+"""Bulk listing and deletion on S3 with aioboto3: ListObjectsV2 pages and DeleteObjects batches.
+
+s3fs deletes and lists through the same calls, but hides per-key delete errors
+and materializes whole listings; the GC needs a stream of objects and a report
+of every key S3 refused. Credentials and endpoint come from the same
+``storage_options`` as s3fs (``key``, ``secret``, ``token``, ``endpoint_url``,
+``client_kwargs.region_name``), then from the environment as aws tools do
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, profiles).
+aioboto3 comes with the ``s3`` extra and is imported on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from kvstore._tasks import task_group
+from kvstore.errors import InvalidInputError
+from kvstore.storage.base import ObjectMeta, translate_errors
+
+__all__ = ["MAX_DELETE_BATCH", "DeleteFailure", "S3BatchClient"]
+
+MAX_DELETE_BATCH = 1000
+"""S3's limit of keys per DeleteObjects request."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteFailure:
+    """A key the backend did not delete, and why (S3's error code and message)."""
+
+    key: str
+    error: str
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("s3", "s3a"):
+        raise InvalidInputError(f"not an s3:// URL: {url!r}")
+    bucket, _, root = rest.partition("/")
+    if not bucket:
+        raise InvalidInputError(f"no bucket in {url!r}")
+    root = root.strip("/")
+    return bucket, f"{root}/" if root else ""
+
+
+class S3BatchClient:
+    """One aioboto3 S3 client for a store root; use as ``async with S3BatchClient(url, options)``."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, max_in_flight: int = 8) -> None:
+        self.url = url
+        self.bucket, self.root = _split_url(url)
+        self.max_in_flight = max_in_flight
+        self._options = dict(storage_options or {})
+        self._client: Any = None
+        self._client_cm: Any = None
+
+    def _client_args(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        o = self._options
+        client_kwargs = dict(o.get("client_kwargs") or {})
+        session_args = {
+            name: value
+            for name, value in (
+                ("aws_access_key_id", o.get("key")),
+                ("aws_secret_access_key", o.get("secret")),
+                ("aws_session_token", o.get("token")),
+                ("profile_name", o.get("profile")),
+            )
+            if value is not None
+        }
+        client_args: dict[str, Any] = {}
+        endpoint = o.get("endpoint_url") or client_kwargs.pop("endpoint_url", None)
+        if endpoint:
+            client_args["endpoint_url"] = endpoint
+        region = client_kwargs.pop("region_name", None)
+        if region:
+            client_args["region_name"] = region
+        client_args.update(client_kwargs)
+        return session_args, client_args
+
+    async def __aenter__(self) -> S3BatchClient:
+        try:
+            import aioboto3
+            from botocore.config import Config
+        except ImportError as exc:
+            raise InvalidInputError(
+                f"bulk S3 operations need aioboto3 ({exc}); install the 's3' extra: pip install 'kvstore[s3]'"
+            ) from exc
+        session_args, client_args = self._client_args()
+        config = Config(max_pool_connections=max(10, 2 * self.max_in_flight), retries={"mode": "standard"})
+        with translate_errors(self.url, ""):
+            self._client_cm = aioboto3.Session(**session_args).client("s3", config=config, **client_args)
+            self._client = await self._client_cm.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client_cm is not None:
+            cm, self._client_cm, self._client = self._client_cm, None, None
+            await cm.__aexit__(exc_type, exc, tb)
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]:
+        """Stream objects under ``prefix`` (relative to the store root), 1000 per ListObjectsV2 page."""
+        full = self.root + prefix
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": 1000}
+        cut = len(self.root)
+        while True:
+            with translate_errors(self.url, prefix):
+                page = await self._client.list_objects_v2(**kwargs)
+            for obj in page.get("Contents", ()):
+                modified = obj.get("LastModified")
+                yield ObjectMeta(obj["Key"][cut:], int(obj.get("Size", 0)), modified.timestamp() if modified else None)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            kwargs["ContinuationToken"] = token
+
+    async def delete_objects(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        """Delete keys in DeleteObjects batches of up to 1000, ``max_in_flight`` at a time.
+
+        Returns every key S3 reported as not deleted; a batch whose request failed
+        as a whole reports each of its keys with that error.
+        """
+        batches = [keys[i : i + MAX_DELETE_BATCH] for i in range(0, len(keys), MAX_DELETE_BATCH)]
+        limit = asyncio.Semaphore(self.max_in_flight)
+        failures: list[DeleteFailure] = []
+
+        async def one(batch: Sequence[str]) -> None:
+            async with limit:
+                failures.extend(await self._delete_batch(batch))
+
+        async with task_group() as tg:
+            for batch in batches:
+                tg.create_task(one(batch))
+        return failures
+
+    async def _delete_batch(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        request = {"Objects": [{"Key": self.root + k} for k in keys], "Quiet": True}
+        try:
+            resp = await self._client.delete_objects(Bucket=self.bucket, Delete=request)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            return [DeleteFailure(k, f"{type(exc).__name__}: {exc}") for k in keys]
+        cut = len(self.root)
+        return [
+            DeleteFailure(e.get("Key", "")[cut:], f"{e.get('Code', 'Error')}: {e.get('Message', '')}".strip())
+            for e in resp.get("Errors", ())
+        ]
