@@ -9,9 +9,13 @@ import torch
 from kvstore.errors import InvalidInputError
 from kvstore.formats.dtypes import dtype_info
 
-__all__ = ["ModelSpec"]
+__all__ = ["MAX_DIM", "MAX_LAYERS", "ModelSpec"]
 
 _MAX_NAME_BYTES = 1024
+MAX_LAYERS = 1 << 16
+"""Most layers a spec may have (records and zarr paths are sized for it)."""
+MAX_DIM = (1 << 31) - 1
+"""Largest head count or head dimension (a signed 32-bit int, as zarr shapes are read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +44,10 @@ class ModelSpec:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidInputError(f"ModelSpec.{field} is not valid unicode: {value!r}") from None
-        for field in ("num_layers", "num_kv_heads", "head_dim"):
+        for field, limit in (("num_layers", MAX_LAYERS), ("num_kv_heads", MAX_DIM), ("head_dim", MAX_DIM)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
-                raise InvalidInputError(f"ModelSpec.{field} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise InvalidInputError(f"ModelSpec.{field} must be an int in [1, {limit}], got {value!r}")
         dtype_info(self.dtype)
 
     @property

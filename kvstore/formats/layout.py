@@ -2,9 +2,10 @@
 
     kvstore.msgpack                                   root record
     models/<model-id>.msgpack                         model record
+    models/<model-id>.retired.msgpack                 retirement record (create-only; never rewritten)
     chunks/<model-id>/<k[0:2]>/<k[2:4]>/<key>/        one chunk = one zarr v3 array
         zarr.json                                     array metadata
-        c/<layer>/0/0/0/0                             layer object: K then V of one layer
+        c.<layer>.0.0.0.0                             layer object: K then V of one layer
         commit.msgpack                                commit record, written last
         tails/<n>                                     marker: a partial chunk of n tokens follows this one
 
@@ -34,6 +35,7 @@ __all__ = [
     "model_chunks_prefix",
     "model_record_path",
     "parse_tail_marker",
+    "retirement_record_path",
     "tails_prefix",
     "zarr_array_metadata",
 ]
@@ -51,6 +53,11 @@ def model_record_path(model_id: bytes) -> str:
     return f"{MODELS_DIR}/{model_id.hex()}.msgpack"
 
 
+def retirement_record_path(model_id: bytes) -> str:
+    """Where the record that retires a model version lives, beside its model record."""
+    return f"{MODELS_DIR}/{model_id.hex()}.retired.msgpack"
+
+
 def model_chunks_prefix(model_id: bytes) -> str:
     return f"{CHUNKS_DIR}/{model_id.hex()}/"
 
@@ -62,7 +69,7 @@ def chunk_prefix(model_id: bytes, key: bytes) -> str:
 
 def layer_path(chunk: str, layer: int) -> str:
     """Path of a layer object: zarr's default chunk key for grid position (layer, 0, 0, 0, 0)."""
-    return f"{chunk}c/{layer}/0/0/0/0"
+    return f"{chunk}c.{layer}.0.0.0.0"
 
 
 def commit_path(chunk: str) -> str:
@@ -81,7 +88,7 @@ def tails_prefix(model_id: bytes, parent: bytes) -> str:
 def parse_tail_marker(key: str) -> int | None:
     """The token count in a tail marker's key, or None if the name is not a marker."""
     name = key.rsplit("/", 1)[-1]
-    return int(name) if name.isdigit() and len(name) < 9 else None
+    return int(name) if name.isascii() and name.isdigit() and len(name) < 9 else None
 
 
 @lru_cache(maxsize=256)
@@ -95,7 +102,7 @@ def zarr_array_metadata(spec: ModelSpec, num_tokens: int, codec: str) -> bytes:
         "shape": [spec.num_layers, *chunk_shape[1:]],
         "data_type": info.zarr_data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": 0,
         "codecs": get_codec(codec).zarr_codecs(info.itemsize),
         "attributes": {

@@ -14,18 +14,17 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvstore.errors import FormatVersionError, IntegrityError
+from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError
 from kvstore.formats import FORMAT_VERSION
 from kvstore.formats.dtypes import dtype_info_by_name
-from kvstore.spec import ModelSpec
+from kvstore.formats.keys import model_id as derive_model_id
+from kvstore.spec import MAX_DIM, MAX_LAYERS, ModelSpec
 
-__all__ = ["CommitRecord", "ModelRecord", "RootRecord", "STORE_MAGIC"]
+__all__ = ["CommitRecord", "ModelRecord", "RetirementRecord", "RootRecord", "STORE_MAGIC"]
 
 STORE_MAGIC = "kvstore"
 _MAX_SMALL_RECORD = 64 * 1024
-_MAX_COMMIT_RECORD = 1024 * 1024
-_MAX_LAYERS = 1 << 16
-_MAX_DIM = 1 << 31
+_MAX_COMMIT_RECORD = 4 * 1024 * 1024  # MAX_LAYERS layers of (size, 32-byte digest) fit
 
 T = TypeVar("T")
 
@@ -129,14 +128,19 @@ class ModelRecord:
         model_id = _get(obj, "id", bytes, k)
         if len(model_id) != 16:
             raise IntegrityError("model record id must be 16 bytes")
-        spec = ModelSpec(
-            name=_get(obj, "name", str, k),
-            version=_get(obj, "version", str, k),
-            num_layers=_get_int(obj, "num_layers", k, 1, _MAX_LAYERS),
-            num_kv_heads=_get_int(obj, "num_kv_heads", k, 1, _MAX_DIM),
-            head_dim=_get_int(obj, "head_dim", k, 1, _MAX_DIM),
-            dtype=dtype_info_by_name(_get(obj, "dtype", str, k)).torch_dtype,
-        )
+        try:
+            spec = ModelSpec(
+                name=_get(obj, "name", str, k),
+                version=_get(obj, "version", str, k),
+                num_layers=_get_int(obj, "num_layers", k, 1, MAX_LAYERS),
+                num_kv_heads=_get_int(obj, "num_kv_heads", k, 1, MAX_DIM),
+                head_dim=_get_int(obj, "head_dim", k, 1, MAX_DIM),
+                dtype=dtype_info_by_name(_get(obj, "dtype", str, k)).torch_dtype,
+            )
+        except InvalidInputError as exc:
+            raise IntegrityError(f"model record holds an invalid spec: {exc}") from None
+        if model_id != derive_model_id(spec):
+            raise IntegrityError(f"model record id does not match its spec {spec.label}")
         return cls(model_id=model_id, spec=spec, created=_get_number(obj, "created", k))
 
 
@@ -183,7 +187,7 @@ class CommitRecord:
             raise IntegrityError("commit record key/parent/model have wrong lengths")
         sizes = _get(obj, "layer_sizes", list, k)
         digests = _get(obj, "layer_digests", list, k)
-        if not 0 < len(sizes) <= _MAX_LAYERS or len(sizes) != len(digests):
+        if not 0 < len(sizes) <= MAX_LAYERS or len(sizes) != len(digests):
             raise IntegrityError("commit record layer lists are empty or of different lengths")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in sizes):
             raise IntegrityError("commit record layer sizes are invalid")
@@ -200,3 +204,47 @@ class CommitRecord:
             layer_digests=tuple(digests),
             created=_get_number(obj, "created", k),
         )
+
+
+_MAX_RETIRED_TEXT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RetirementRecord:
+    """Retires one model version: written once, create-only, beside its model record.
+
+    Its presence removes the model from the GC's roots and makes saves under it
+    fail. The model record itself is never rewritten (other writers create it
+    with create-only puts), so retirement is a separate immutable object.
+    """
+
+    model_id: bytes
+    retired_by: str
+    reason: str | None = None
+    retired_at: float = field(default_factory=time.time)
+
+    def to_msgpack(self) -> bytes:
+        return _pack(
+            {
+                "format": FORMAT_VERSION,
+                "id": self.model_id,
+                "retired_at": self.retired_at,
+                "retired_by": self.retired_by,
+                "reason": self.reason,
+            }
+        )
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> RetirementRecord:
+        k = "retirement"
+        obj = _unpack(data, _MAX_SMALL_RECORD, k)
+        model_id = _get(obj, "id", bytes, k)
+        if len(model_id) != 16:
+            raise IntegrityError("retirement record id must be 16 bytes")
+        by = _get(obj, "retired_by", str, k)
+        reason = obj.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise IntegrityError("retirement record field 'reason' is not a string")
+        if len(by) > _MAX_RETIRED_TEXT or (reason is not None and len(reason) > _MAX_RETIRED_TEXT):
+            raise IntegrityError("retirement record text fields are too long")
+        return cls(model_id=model_id, retired_by=by, reason=reason, retired_at=_get_number(obj, "retired_at", k))

@@ -1,0 +1,530 @@
+"""Records: round trips, golden bytes (docs/FORMAT.md), and defensive parsing of hostile input.
+
+Whatever bytes a store hands back, ``from_msgpack`` may only succeed or raise
+IntegrityError / FormatVersionError: a damaged record must never crash a reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from kvstore import FormatVersionError, IntegrityError, ModelSpec
+from kvstore.formats.keys import model_id
+from kvstore.formats.records import STORE_MAGIC, CommitRecord, ModelRecord, RetirementRecord, RootRecord
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RECORDS = (RootRecord, ModelRecord, CommitRecord, RetirementRecord)
+SMALL_LIMIT = 64 * 1024
+COMMIT_LIMIT = 4 * 1024 * 1024
+
+# ---------------------------------------------------------------------- golden bytes (docs/FORMAT.md)
+
+ROOT_BYTES = bytes.fromhex(
+    "84a6666f726d617401a56d61676963a76b7673746f7265ac6368756e6b5f746f6b656e7310a763726561746564cb41d954fc40000000"
+)
+MODEL_SPEC = ModelSpec("Qwen2.5/日本語-ü", "2024-09 β", 80, 8, 128, torch.float8_e4m3fn)
+MODEL_ID = bytes.fromhex("482f55dc4f348e3403f32e92a1684471")
+MODEL_BYTES = bytes.fromhex(
+    "89a6666f726d617401a26964c410482f55dc4f348e3403f32e92a1684471a46e616d65b45177656e322e352fe697a5e69cace8aa9e2d"
+    "c3bca776657273696f6eaa323032342d303920ceb2aa6e756d5f6c617965727350ac6e756d5f6b765f686561647308a8686561645f"
+    "64696dcc80a56474797065ad666c6f6174385f65346d33666ea763726561746564cb41d954fc40200000"
+)
+# The tail chunk of the "chunk-tiny" vector, codec none.
+COMMIT = CommitRecord(
+    key=bytes.fromhex("57069dfa2deeb3f6500a526e49bf62c8cae76d08b1789df2c2c6afa2054f37bb"),
+    parent=bytes.fromhex("0f234505a3ef0f2163c56ff5510722c46900f287b9fc0bce2e1bed15c7166cc2"),
+    index=1,
+    model_id=bytes.fromhex("2cc2d5c9f1ed6e4ea8fc086562f95e60"),
+    num_tokens=1,
+    codec="none",
+    layer_sizes=(8, 8),
+    layer_digests=(
+        bytes.fromhex("dfe427c5565f2f269b0e427dd521a6994ef4bcf5ffb57adeeb7045f1e8c73a58"),
+        bytes.fromhex("286c53812bc50440e42b6a67cd7ea21aa055aa8e53188eba3fe74618550685d8"),
+    ),
+    created=1700000000.0,
+)
+COMMIT_BYTES = bytes.fromhex(
+    "8aa6666f726d617401a36b6579c42057069dfa2deeb3f6500a526e49bf62c8cae76d08b1789df2c2c6afa2054f37bba6706172656e74"
+    "c4200f234505a3ef0f2163c56ff5510722c46900f287b9fc0bce2e1bed15c7166cc2a5696e64657801a56d6f64656cc4102cc2d5c9f1"
+    "ed6e4ea8fc086562f95e60a6746f6b656e7301a5636f646563a46e6f6e65ab6c617965725f73697a6573920808ad6c617965725f6469"
+    "676573747392c420dfe427c5565f2f269b0e427dd521a6994ef4bcf5ffb57adeeb7045f1e8c73a58c420286c53812bc50440e42b6a67"
+    "cd7ea21aa055aa8e53188eba3fe74618550685d8a763726561746564cb41d954fc40000000"
+)
+RETIREMENT = RetirementRecord(MODEL_ID, retired_by="alice@host", reason="bad weights", retired_at=1700000000.0)
+RETIREMENT_BYTES = RETIREMENT.to_msgpack()
+
+
+def test_root_record_golden_bytes() -> None:
+    assert RootRecord(chunk_tokens=16, created=1700000000.0).to_msgpack() == ROOT_BYTES
+    assert RootRecord.from_msgpack(ROOT_BYTES) == RootRecord(16, 1700000000.0)
+    assert msgpack.unpackb(ROOT_BYTES) == {
+        "format": 1,
+        "magic": "kvstore",
+        "chunk_tokens": 16,
+        "created": 1700000000.0,
+    }
+
+
+def test_model_record_golden_bytes() -> None:
+    assert model_id(MODEL_SPEC) == MODEL_ID
+    assert ModelRecord(MODEL_ID, MODEL_SPEC, 1700000000.5).to_msgpack() == MODEL_BYTES
+    assert ModelRecord.from_msgpack(MODEL_BYTES) == ModelRecord(MODEL_ID, MODEL_SPEC, 1700000000.5)
+    assert list(msgpack.unpackb(MODEL_BYTES)) == [
+        "format",
+        "id",
+        "name",
+        "version",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "dtype",
+        "created",
+    ]
+
+
+def test_commit_record_golden_bytes() -> None:
+    assert COMMIT.to_msgpack() == COMMIT_BYTES
+    assert CommitRecord.from_msgpack(COMMIT_BYTES) == COMMIT
+    assert list(msgpack.unpackb(COMMIT_BYTES)) == [
+        "format",
+        "key",
+        "parent",
+        "index",
+        "model",
+        "tokens",
+        "codec",
+        "layer_sizes",
+        "layer_digests",
+        "created",
+    ]
+
+
+def test_readers_accept_any_field_order_and_ignore_unknown_fields() -> None:
+    pairs = ((RootRecord, ROOT_BYTES), (ModelRecord, MODEL_BYTES), (CommitRecord, COMMIT_BYTES))
+    for cls, data in (*pairs, (RetirementRecord, RETIREMENT_BYTES)):
+        obj = msgpack.unpackb(data)
+        shuffled = dict(reversed(list(obj.items())))
+        shuffled["a-field-from-the-future"] = {"x": [1, 2.5, b"\x00"]}
+        assert cls.from_msgpack(msgpack.packb(shuffled, use_bin_type=True)) == cls.from_msgpack(data)
+
+
+def test_integer_created_is_accepted() -> None:
+    obj = msgpack.unpackb(ROOT_BYTES)
+    obj["created"] = 1700000000
+    assert RootRecord.from_msgpack(msgpack.packb(obj)).created == 1700000000.0
+
+
+# ---------------------------------------------------------------------- round trips
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+utf8_names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=100)
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+specs = st.builds(
+    ModelSpec,
+    name=utf8_names,
+    version=utf8_names,
+    num_layers=st.integers(1, 4096),
+    num_kv_heads=st.integers(1, 2**31 - 1),
+    head_dim=st.integers(1, 2**31 - 1),
+    dtype=dtypes,
+)
+digests32 = st.binary(min_size=32, max_size=32)
+
+
+@SETTINGS
+@given(chunk_tokens=st.integers(1, 2**24), created=finite)
+def test_root_record_round_trip(chunk_tokens: int, created: float) -> None:
+    rec = RootRecord(chunk_tokens, created)
+    assert RootRecord.from_msgpack(rec.to_msgpack()) == rec
+
+
+@SETTINGS
+@given(spec=specs, created=finite)
+def test_model_record_round_trip(spec: ModelSpec, created: float) -> None:
+    rec = ModelRecord(model_id(spec), spec, created)
+    back = ModelRecord.from_msgpack(rec.to_msgpack())
+    assert back == rec
+    assert back.spec.dtype == spec.dtype
+
+
+@st.composite
+def commits(draw: st.DrawFn) -> CommitRecord:
+    layers = draw(st.integers(1, 64))
+    return CommitRecord(
+        key=draw(digests32),
+        parent=draw(digests32),
+        index=draw(st.integers(0, 2**40)),
+        model_id=draw(st.binary(min_size=16, max_size=16)),
+        num_tokens=draw(st.integers(1, 2**24)),
+        codec=draw(st.sampled_from(["none", "lz4", "blosc-lz4"])),
+        layer_sizes=tuple(draw(st.lists(st.integers(0, 2**40 - 1), min_size=layers, max_size=layers))),
+        layer_digests=tuple(draw(st.lists(digests32, min_size=layers, max_size=layers))),
+        created=draw(finite),
+    )
+
+
+@SETTINGS
+@given(rec=commits())
+def test_commit_record_round_trip(rec: CommitRecord) -> None:
+    assert CommitRecord.from_msgpack(rec.to_msgpack()) == rec
+
+
+@SETTINGS
+@given(
+    mid=st.binary(min_size=16, max_size=16),
+    by=st.text(max_size=300),
+    reason=st.none() | st.text(max_size=300),
+    at=finite,
+)
+def test_retirement_record_round_trip(mid: bytes, by: str, reason: str | None, at: float) -> None:
+    rec = RetirementRecord(mid, retired_by=by, reason=reason, retired_at=at)
+    assert RetirementRecord.from_msgpack(rec.to_msgpack()) == rec
+    assert msgpack.unpackb(rec.to_msgpack())["format"] == 1
+
+
+def test_every_accepted_model_spec_has_a_readable_model_record() -> None:
+    """The layer counts ModelSpec accepts must survive the model record (or ModelSpec must refuse them)."""
+    for layers in (65536, 65537, 2**31 - 1):
+        try:
+            spec = ModelSpec("big", "v1", layers, 1, 1, torch.float16)
+        except ValueError:
+            continue  # refusing such a spec up front is also consistent
+        rec = ModelRecord(model_id(spec), spec, 0.0)
+        assert ModelRecord.from_msgpack(rec.to_msgpack()) == rec, f"{layers} layers"
+    spec = ModelSpec("wide", "v1", 1, 2**31 - 1, 2**31 - 1, torch.float16)
+    rec = ModelRecord(model_id(spec), spec, 0.0)
+    assert ModelRecord.from_msgpack(rec.to_msgpack()) == rec
+
+
+def test_commit_record_of_the_largest_layer_count_fits_its_size_limit() -> None:
+    """A commit record for as many layers as the model record allows must be readable."""
+    layers = 65536  # the model record's num_layers limit
+    rec = CommitRecord(
+        key=b"k" * 32,
+        parent=b"p" * 32,
+        index=0,
+        model_id=b"m" * 16,
+        num_tokens=256,
+        codec="none",
+        layer_sizes=(2 * 256 * 8 * 128 * 2,) * layers,
+        layer_digests=(b"d" * 32,) * layers,
+        created=0.0,
+    )
+    assert CommitRecord.from_msgpack(rec.to_msgpack()) == rec
+
+
+# ---------------------------------------------------------------------- versions and limits
+
+
+def _valid_obj(cls: type) -> dict[str, Any]:
+    data = {
+        RootRecord: ROOT_BYTES,
+        ModelRecord: MODEL_BYTES,
+        CommitRecord: COMMIT_BYTES,
+        RetirementRecord: RETIREMENT_BYTES,
+    }[cls]
+    obj: dict[str, Any] = msgpack.unpackb(data)
+    return obj
+
+
+@pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("version", [0, 2, 3, 255, 2**32, 2**64 - 1])
+def test_unknown_format_version(cls: type, version: int) -> None:
+    obj = _valid_obj(cls)
+    obj["format"] = version
+    with pytest.raises(FormatVersionError):
+        cls.from_msgpack(msgpack.packb(obj))
+    # The version is checked before anything else: a newer format may change every other field.
+    with pytest.raises(FormatVersionError):
+        cls.from_msgpack(msgpack.packb({"format": version, "magic": 1}))
+
+
+@pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("version", [None, "1", 1.0, True, [1], b"\x01"], ids=repr)
+def test_missing_or_malformed_format_version_is_damage(cls: type, version: object) -> None:
+    obj = _valid_obj(cls)
+    if version is None:
+        del obj["format"]
+    else:
+        obj["format"] = version
+    with pytest.raises(IntegrityError):
+        cls.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    ("cls", "limit"), [(RootRecord, SMALL_LIMIT), (ModelRecord, SMALL_LIMIT), (CommitRecord, COMMIT_LIMIT)]
+)
+def test_oversize_records_are_rejected(cls: type, limit: int) -> None:
+    obj = _valid_obj(cls)
+    base = len(msgpack.packb({**obj, "pad": b""}, use_bin_type=True))
+
+    def padded(total: int) -> bytes:
+        pad = total - base
+        for header in (2, 3, 5):  # bin8 / bin16 / bin32 header sizes
+            data = msgpack.packb({**obj, "pad": b"\x00" * (pad - header + 2)}, use_bin_type=True)
+            if len(data) == total:
+                return data
+        raise AssertionError("could not pad to the exact size")
+
+    at_limit = padded(limit)
+    assert len(at_limit) == limit
+    assert cls.from_msgpack(at_limit) == cls.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+    with pytest.raises(IntegrityError):
+        cls.from_msgpack(padded(limit + 1))
+    # Checked before parsing: a huge blob of garbage is refused for its size alone.
+    with pytest.raises(IntegrityError, match="limit"):
+        cls.from_msgpack(b"\xc1" * (limit + 1))
+
+
+def test_root_record_magic() -> None:
+    obj = _valid_obj(RootRecord)
+    assert obj["magic"] == STORE_MAGIC == "kvstore"
+    for magic in ("zarr", "", None, b"kvstore", 1):
+        bad = dict(obj)
+        if magic is None:
+            del bad["magic"]
+        else:
+            bad["magic"] = magic
+        with pytest.raises(IntegrityError):
+            RootRecord.from_msgpack(msgpack.packb(bad, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("head_dim", 129), ("num_kv_heads", 9), ("num_layers", 81), ("name", "Qwen2.5/日本語-u"), ("dtype", "bfloat16")],
+)
+def test_model_record_whose_id_does_not_match_its_spec_is_damage(field: str, value: object) -> None:
+    """A parseable but altered spec (one flipped bit in head_dim) must not pass for the model.
+
+    The GC derives each live model's chain root from its record's spec: a spec that
+    no longer hashes to the record's id would make every chunk of the model look
+    unreachable, and be deleted.
+    """
+    obj = _valid_obj(ModelRecord)
+    obj[field] = value
+    with pytest.raises(IntegrityError):
+        ModelRecord.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_model_record_with_unknown_dtype_is_a_newer_format() -> None:
+    obj = _valid_obj(ModelRecord)
+    obj["dtype"] = "float4_e2m1"
+    with pytest.raises(FormatVersionError):
+        ModelRecord.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+
+
+# Field values that a reader must refuse as damage, per record.
+BAD_FIELDS: list[tuple[type, str, object]] = [
+    (RootRecord, "chunk_tokens", 0),
+    (RootRecord, "chunk_tokens", 2**24 + 1),
+    (RootRecord, "chunk_tokens", True),
+    (RootRecord, "chunk_tokens", 16.0),
+    (RootRecord, "chunk_tokens", "16"),
+    (RootRecord, "created", "yesterday"),
+    (RootRecord, "created", True),
+    (ModelRecord, "id", b"\x00" * 15),
+    (ModelRecord, "id", b"\x00" * 32),
+    (ModelRecord, "id", "482f55dc4f348e3403f32e92a1684471"),
+    (ModelRecord, "name", ""),
+    (ModelRecord, "name", b"name"),
+    (ModelRecord, "name", "x" * 1025),
+    (ModelRecord, "version", ""),
+    (ModelRecord, "num_layers", 0),
+    (ModelRecord, "num_layers", True),
+    (ModelRecord, "num_kv_heads", 0),
+    (ModelRecord, "num_kv_heads", 2**31),
+    (ModelRecord, "head_dim", 2**31),
+    (ModelRecord, "head_dim", 1.5),
+    (ModelRecord, "dtype", 3),
+    (CommitRecord, "key", b"\x00" * 31),
+    (CommitRecord, "key", "00" * 32),
+    (CommitRecord, "parent", b"\x00" * 33),
+    (CommitRecord, "model", b"\x00" * 32),
+    (CommitRecord, "index", -1),
+    (CommitRecord, "index", 2**40 + 1),
+    (CommitRecord, "index", False),
+    (CommitRecord, "tokens", 0),
+    (CommitRecord, "tokens", 2**24 + 1),
+    (CommitRecord, "codec", 0),
+    (CommitRecord, "layer_sizes", []),
+    (CommitRecord, "layer_sizes", [8]),
+    (CommitRecord, "layer_sizes", [8, -1]),
+    (CommitRecord, "layer_sizes", [8, 2**40]),
+    (CommitRecord, "layer_sizes", [8, True]),
+    (CommitRecord, "layer_sizes", [8, 8.0]),
+    (CommitRecord, "layer_sizes", {"0": 8, "1": 8}),
+    (CommitRecord, "layer_digests", [b"\x00" * 32]),
+    (CommitRecord, "layer_digests", [b"\x00" * 32, b"\x00" * 31]),
+    (CommitRecord, "layer_digests", [b"\x00" * 32, "00" * 32]),
+    (CommitRecord, "created", None),
+    (RetirementRecord, "id", b"\x00" * 15),
+    (RetirementRecord, "retired_by", None),
+    (RetirementRecord, "retired_by", "x" * 4097),
+    (RetirementRecord, "retired_at", "now"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [pytest.param(c, f, v, id=f"{c.__name__}-{f}-{v!r:.24}") for c, f, v in BAD_FIELDS],
+)
+def test_bad_field_values_are_damage(cls: type, field: str, value: object) -> None:
+    obj = _valid_obj(cls)
+    obj[field] = value
+    with pytest.raises(IntegrityError):
+        cls.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+    del obj[field]
+    with pytest.raises(IntegrityError):
+        cls.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+
+
+@pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01",
+        b"\xc1",
+        b"\x80",
+        b"\x90",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb("kvstore"),
+        msgpack.packb({1: 2}),
+        msgpack.packb({(1, 2): 1}),
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4 billion items
+        b"\xdf\xff\xff\xff\xff",  # map32 claiming 4 billion entries
+        b"\xc6\xff\xff\xff\xff",  # bin32 claiming 4 GiB
+        b"\x91" * 5000 + b"\x00",  # nested arrays deeper than any sane limit
+        b"\xd4\xff\x00",  # ext -1: a malformed timestamp
+        ROOT_BYTES[:-1],
+        MODEL_BYTES[:-3],
+        COMMIT_BYTES[:40],
+        ROOT_BYTES + b"\x00",  # trailing bytes
+    ],
+    ids=lambda d: d[:12].hex() + f"..{len(d)}",
+)
+def test_malformed_bytes_are_damage(cls: type, data: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        cls.from_msgpack(data)
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+
+def _parse_only_raises_kvstore_errors(cls: type, data: bytes) -> None:
+    with contextlib.suppress(IntegrityError, FormatVersionError):
+        cls.from_msgpack(data)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=512))
+def test_random_bytes(data: bytes) -> None:
+    for cls in RECORDS:
+        _parse_only_raises_kvstore_errors(cls, data)
+
+
+@SETTINGS
+@given(data=st.binary(min_size=1, max_size=64), cut=st.integers(0, 400), which=st.integers(0, 3))
+def test_valid_records_with_spliced_garbage(data: bytes, cut: int, which: int) -> None:
+    good = (ROOT_BYTES, MODEL_BYTES, COMMIT_BYTES, RETIREMENT_BYTES)[which]
+    cut = min(cut, len(good))
+    for cls in RECORDS:
+        _parse_only_raises_kvstore_errors(cls, good[:cut] + data + good[cut + len(data) :])
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@SETTINGS
+@given(obj=msgpack_values)
+def test_random_msgpack_structures(obj: object) -> None:
+    data = msgpack.packb(obj, use_bin_type=True)
+    for cls in RECORDS:
+        _parse_only_raises_kvstore_errors(cls, data)
+
+
+edge_values = st.sampled_from(
+    ["", "x" * 1025, 0, -1, 1, 2**24 + 1, 2**31 - 1, 2**31, 2**40, 2**64 - 1, True, None, 1.5, b"", b"\x00" * 16, []]
+)
+
+
+@SETTINGS
+@example(which=ModelRecord, changes={"name": ""})
+@example(which=ModelRecord, changes={"head_dim": 2**31})
+@example(which=CommitRecord, changes={"layer_sizes": [], "layer_digests": []})
+@given(
+    which=st.sampled_from(RECORDS),
+    changes=st.dictionaries(
+        st.sampled_from(
+            [
+                "format",
+                "magic",
+                "chunk_tokens",
+                "created",
+                "id",
+                "name",
+                "version",
+                "num_layers",
+                "num_kv_heads",
+                "head_dim",
+                "dtype",
+                "key",
+                "parent",
+                "index",
+                "model",
+                "tokens",
+                "codec",
+                "layer_sizes",
+                "layer_digests",
+                "retired_at",
+                "retired_by",
+                "reason",
+            ]
+        ),
+        edge_values | msgpack_values | st.just("__delete__"),
+        max_size=4,
+    ),
+)
+def test_mutated_valid_records(which: type, changes: dict[str, object]) -> None:
+    """Valid records with some fields deleted or replaced by arbitrary values."""
+    obj = _valid_obj(which)
+    for field, value in changes.items():
+        if value == "__delete__":
+            obj.pop(field, None)
+        else:
+            obj[field] = value
+    data = msgpack.packb(obj, use_bin_type=True)
+    try:
+        rec = which.from_msgpack(data)
+    except (IntegrityError, FormatVersionError):
+        return
+    # Whatever parses is well-formed.
+    if isinstance(rec, CommitRecord):
+        assert len(rec.key) == len(rec.parent) == 32
+        assert len(rec.model_id) == 16
+        assert len(rec.layer_sizes) == len(rec.layer_digests) >= 1
+    elif isinstance(rec, RootRecord):
+        assert 1 <= rec.chunk_tokens <= 2**24
+    elif isinstance(rec, ModelRecord):
+        assert len(rec.model_id) == 16
+        assert rec.spec.num_layers >= 1
+    else:
+        assert len(rec.model_id) == 16
+        assert isinstance(rec.retired_by, str)
