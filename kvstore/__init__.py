@@ -15,6 +15,7 @@ from kvstore.errors import (
     IntegrityError,
     InvalidInputError,
     KVStoreError,
+    ModelRetiredError,
     ObjectNotFoundError,
     StoreConfigError,
     StorePermissionError,
@@ -22,7 +23,7 @@ from kvstore.errors import (
 )
 from kvstore.formats import FORMAT_VERSION
 from kvstore.opening import open
-from kvstore.results import LoadResult, SaveResult, StoreStats
+from kvstore.results import LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 from kvstore.sync import SyncStore
@@ -38,6 +39,8 @@ __all__ = [
     "KVStore",
     "KVStoreError",
     "LoadResult",
+    "ModelInfo",
+    "ModelRetiredError",
     "ModelSpec",
     "ObjectNotFoundError",
     "SaveResult",

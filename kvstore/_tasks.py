@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["run_all"]
+__all__ = ["run_all", "task_group"]
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -37,3 +38,19 @@ async def run_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
 
 async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """An ``asyncio.TaskGroup`` that raises its first real error instead of an ExceptionGroup.
+
+    For streaming fan-out (tasks created while a listing is consumed), where
+    ``run_all`` does not fit; the group stays attached as ``__cause__``.
+    """
+    try:
+        async with asyncio.TaskGroup() as tg:
+            yield tg
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
+        raise first from group

@@ -6,6 +6,7 @@
     ├── FormatVersionError       the store or a record uses a format version this library cannot read
     ├── IntegrityError           stored data is damaged: checksum, size, structure or metadata
     ├── ObjectNotFoundError      the storage boundary found no object at a key (also a KeyError)
+    ├── ModelRetiredError        a save under a model version that was retired (``store.retire``)
     └── StoreUnavailableError    the backend cannot be reached or refused the request
         └── StorePermissionError the backend denied access to a key
 
@@ -20,6 +21,7 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "KVStoreError",
+    "ModelRetiredError",
     "ObjectNotFoundError",
     "StoreConfigError",
     "StorePermissionError",
@@ -52,6 +54,10 @@ class ObjectNotFoundError(KVStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "object not found"
+
+
+class ModelRetiredError(KVStoreError):
+    """The model version was retired: its chunks are garbage and no new ones may be saved."""
 
 
 class StoreUnavailableError(KVStoreError):

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerKV", "LoadResult", "SaveResult", "StoreStats"]
+from kvstore.spec import ModelSpec
+
+__all__ = ["LayerKV", "LoadResult", "ModelInfo", "SaveResult", "StoreStats"]
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (K, V), each ``[tokens, num_kv_heads, head_dim]``."""
@@ -60,3 +62,32 @@ class StoreStats:
     requests_head: int
     requests_delete: int
     requests_list: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model version the store has seen, and whether it is live or retired.
+
+    ``spec``, ``model_id`` and ``created`` come from its model record; the
+    ``retired_*`` fields from its retirement record (None while it is live).
+    """
+
+    model_id: bytes
+    spec: ModelSpec
+    created: float
+    retired_at: float | None = None
+    retired_by: str | None = None
+    reason: str | None = None
+
+    @property
+    def retired(self) -> bool:
+        return self.retired_at is not None
+
+    @property
+    def status(self) -> str:
+        """``"live"`` or ``"retired"``."""
+        return "retired" if self.retired else "live"
+
+    @property
+    def label(self) -> str:
+        return self.spec.label

@@ -18,9 +18,8 @@ import torch
 from kvstore._loop import LoopThread
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.keys import TokenInput
-from kvstore.formats.records import ModelRecord
 from kvstore.opening import open as open_async
-from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
+from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.store import KVStore
 
@@ -51,8 +50,11 @@ class SyncStore:
     def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
         return self._loop.run(self._store.lookup(spec, tokens))
 
-    def models(self) -> list[ModelRecord]:
+    def models(self) -> list[ModelInfo]:
         return self._loop.run(self._store.models())
+
+    def retire(self, name: str, version: str, *, by: str | None = None, reason: str | None = None) -> list[ModelInfo]:
+        return self._loop.run(self._store.retire(name, version, by=by, reason=reason))
 
     def stats(self) -> StoreStats:
         return self._store.stats()

@@ -1,0 +1,191 @@
+"""``kvstore gc`` and ``kvstore retire``: model-version invalidation and garbage collection."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import kvstore
+from kvstore.cli.common import (
+    EXIT_ERROR,
+    RichProgress,
+    fmt_bytes,
+    fmt_time,
+    make_console,
+    parse_duration,
+    parse_model,
+    parse_options,
+    run_async,
+    store_arguments,
+)
+
+__all__ = ["gc_command", "retire_command"]
+
+DEFAULT_CONFIRM_THRESHOLD = 1000
+
+
+def is_terminal() -> bool:
+    """Whether a person can answer a prompt (stdin and stdout are terminals)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _summary_table(report: Any) -> Table:
+    title = "GC dry run: nothing deleted" if report.dry_run else "GC summary"
+    freed = "to free" if report.dry_run else "freed"
+    table = Table(
+        "model version", "status", "kept objects", "kept bytes", f"{freed} objects", f"{freed} bytes",
+        "within grace", title=title,
+    )  # fmt: skip
+    for m in sorted(report.by_model.values(), key=lambda m: m.label):
+        table.add_row(
+            m.label, m.status, f"{m.kept_objects:,}", fmt_bytes(m.kept_bytes), f"{m.freed_objects:,}",
+            fmt_bytes(m.freed_bytes), f"{m.young_objects:,}",
+        )  # fmt: skip
+    young = sum(m.young_objects for m in report.by_model.values())
+    table.add_section()
+    table.add_row(
+        "total", "", f"{report.kept_objects - young:,}", fmt_bytes(report.kept_bytes), f"{report.freed_objects:,}",
+        fmt_bytes(report.freed_bytes), f"{young:,}", style="bold",
+    )  # fmt: skip
+    return table
+
+
+def _print_report(report: Any, console: Console) -> None:
+    console.print(_summary_table(report))
+    reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(report.reasons.items())) or "nothing to collect"
+    console.print(
+        f"{report.objects_listed:,} objects listed, {report.commits_read:,} commit records read, "
+        f"{report.chunks_reachable:,} chunks reachable; garbage: {reasons}; "
+        f"grace {report.grace:g}s; took {report.elapsed:.2f}s"
+    )
+    for mid, why in report.protected_models.items():
+        console.print(f"[yellow]left alone[/] model {mid}: {why}")
+
+
+@click.command("gc")
+@store_arguments
+@click.option("--grace", default="1h", show_default=True, help="Only delete garbage older than this (30s, 15m, 1h).")
+@click.option("--dry-run", is_flag=True, help="Report what would be freed; delete nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before a large deletion.")
+@click.option(
+    "--confirm-threshold",
+    default=DEFAULT_CONFIRM_THRESHOLD,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="On a terminal without --yes, ask first when more objects than this would be deleted.",
+)
+@click.option("--concurrency", default=32, show_default=True, type=click.IntRange(min=1), help="Parallel reads.")
+@click.pass_context
+def gc_command(
+    ctx: click.Context,
+    url: str,
+    storage_option: tuple[str, ...],
+    as_json: bool,
+    grace: str,
+    dry_run: bool,
+    yes: bool,
+    confirm_threshold: int,
+    concurrency: int,
+) -> None:
+    """Mark and sweep: delete chunks no live model version can reach.
+
+    Garbage is everything under chunks/ of retired (or unknown) model versions,
+    objects of uncommitted chunks, chunks whose chain is broken, stale tail
+    markers and temporary files. Only objects older than --grace are deleted, so
+    writers that are saving right now never lose a chunk. Exit code 0 when done,
+    1 on an error or when some deletion failed; an interrupted run leaves the
+    store consistent and running it again finishes the job.
+    """
+    from kvstore.gc import GCReport, run_gc
+
+    options = parse_options(storage_option, url)
+    grace_s = parse_duration(grace)
+    interactive = is_terminal() and not as_json
+    console = make_console()
+
+    def one_run(dry: bool) -> GCReport:
+        progress = RichProgress(None if not as_json else False)
+
+        async def work() -> GCReport:
+            with progress.shown():
+                return await run_gc(
+                    url, storage_options=options, grace=grace_s, dry_run=dry, progress=progress, concurrency=concurrency
+                )
+
+        return run_async(ctx, work)
+
+    if not dry_run and not yes and interactive:
+        plan = one_run(True)
+        if plan.freed_objects > confirm_threshold:
+            _print_report(plan, console)
+            click.confirm(
+                f"Delete {plan.freed_objects:,} objects ({fmt_bytes(plan.freed_bytes)}) from {url}?", abort=True
+            )
+        elif plan.freed_objects == 0:
+            _print_report(plan, console)
+            return
+    report = one_run(dry_run)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_report(report, console)
+    if not report.ok:
+        for failure in report.failures[:10]:
+            click.echo(f"kvstore: could not delete {failure.key}: {failure.error}", err=True)
+        click.echo(f"kvstore: error: {report.failures_total:,} objects could not be deleted", err=True)
+        ctx.exit(EXIT_ERROR)
+
+
+@click.command("retire")
+@store_arguments
+@click.argument("model", metavar="NAME@VERSION")
+@click.option("--reason", default=None, help="Why (recorded in the retirement record).")
+@click.option("--by", default=None, help="Who or what retires it (default: user@host).")
+@click.pass_context
+def retire_command(
+    ctx: click.Context,
+    url: str,
+    storage_option: tuple[str, ...],
+    as_json: bool,
+    model: str,
+    reason: str | None,
+    by: str | None,
+) -> None:
+    """Mark a model version retired: saves under it fail and the next gc reclaims its chunks.
+
+    Retirement is final (a new weights release gets a new version). Retiring an
+    already retired version changes nothing and reports the first retirement.
+    """
+    name, version = parse_model(model)
+    options = parse_options(storage_option, url)
+
+    async def work() -> list[kvstore.ModelInfo]:
+        async with kvstore.open(url, storage_options=options, create=False) as store:
+            return await store.retire(name, version, by=by, reason=reason)
+
+    retired = run_async(ctx, work)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": m.spec.name,
+            "version": m.spec.version,
+            "model_id": m.model_id.hex(),
+            "status": m.status,
+            "retired_at": m.retired_at,
+            "retired_by": m.retired_by,
+            "reason": m.reason,
+        }
+        for m in retired
+    ]
+    if as_json:
+        click.echo(json.dumps({"url": url, "retired": rows}, indent=2))
+        return
+    for row in rows:
+        click.echo(
+            f"retired {row['name']}@{row['version']} ({row['model_id']}) at {fmt_time(row['retired_at'])} UTC "
+            f"by {row['retired_by']}" + (f": {row['reason']}" if row["reason"] else "")
+        )

@@ -1,0 +1,112 @@
+"""What a GC run found and did: per model version and per reason, as values and as JSON-ready dicts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvstore.storage.s3_batch import DeleteFailure
+
+__all__ = ["REASONS", "GCProgress", "GCReport", "ModelUsage"]
+
+REASONS = {
+    "retired": "objects of a retired model version",
+    "unknown-model": "objects under a model id with no model record",
+    "uncommitted": "objects of a chunk without a valid commit record (crashed or in-flight writer)",
+    "unreachable": "committed chunks whose chain does not lead back to the model's root",
+    "stale-tail": "tail markers whose partial chunk is not reachable",
+    "temp": "temporary files of interrupted local writes",
+    "malformed": "objects under chunks/ that do not follow the layout",
+}
+"""Why an object is garbage (keys of ``GCReport.reasons``)."""
+
+
+@dataclass(slots=True)
+class ModelUsage:
+    """Objects and bytes of one model version: kept, freed (or to free, in a dry run), and young garbage.
+
+    ``young_*`` counts garbage still inside the grace period (kept this run).
+    """
+
+    label: str
+    model_id: str
+    status: str
+    kept_objects: int = 0
+    kept_bytes: int = 0
+    freed_objects: int = 0
+    freed_bytes: int = 0
+    young_objects: int = 0
+    young_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class GCReport:
+    """The summary of one mark-and-sweep run. ``ok`` is false when some deletion failed."""
+
+    url: str
+    dry_run: bool
+    grace: float
+    cutoff: float
+    elapsed: float = 0.0
+    objects_listed: int = 0
+    commits_read: int = 0
+    chunks_reachable: int = 0
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+    failures: list[DeleteFailure] = field(default_factory=list)
+    failures_total: int = 0
+    protected_models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def freed_objects(self) -> int:
+        return sum(m.freed_objects for m in self.by_model.values())
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(m.freed_bytes for m in self.by_model.values())
+
+    @property
+    def kept_objects(self) -> int:
+        return sum(m.kept_objects + m.young_objects for m in self.by_model.values())
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(m.kept_bytes + m.young_bytes for m in self.by_model.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.failures_total == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "dry_run": self.dry_run,
+            "grace_seconds": self.grace,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "objects_listed": self.objects_listed,
+            "commits_read": self.commits_read,
+            "chunks_reachable": self.chunks_reachable,
+            "kept_objects": self.kept_objects,
+            "kept_bytes": self.kept_bytes,
+            "freed_objects": self.freed_objects,
+            "freed_bytes": self.freed_bytes,
+            "reasons": dict(sorted(self.reasons.items())),
+            "models": [m.as_dict() for m in sorted(self.by_model.values(), key=lambda m: m.label)],
+            "protected_models": self.protected_models,
+            "delete_failures": self.failures_total,
+            "delete_failure_samples": [{"key": f.key, "error": f.error} for f in self.failures],
+        }
+
+
+class GCProgress(Protocol):
+    """Progress callbacks: phases ``list`` (mark listing), ``read`` (commit records), ``sweep``."""
+
+    def start(self, phase: str, total: int | None) -> None: ...
+
+    def advance(self, phase: str, n: int) -> None: ...
+
+    def finish(self, phase: str) -> None: ...

@@ -1,0 +1,184 @@
+"""Usage scan: what a store holds per model version (for ``kvstore ls`` and ``kvstore stats``).
+
+One listing of ``chunks/`` plus a bounded sample of commit records per model
+(for token counts and the compression ratio), so a scan of a huge store costs
+its listing and a few hundred GETs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore._tasks import task_group
+from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreConfigError
+from kvstore.formats.dtypes import dtype_info
+from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME, ROOT_RECORD
+from kvstore.formats.records import CommitRecord, RootRecord
+from kvstore.gc.marksweep import split_chunk_key
+from kvstore.gc.report import GCProgress
+from kvstore.registry import read_registry
+from kvstore.results import ModelInfo
+from kvstore.storage import ObjectStore
+
+__all__ = ["ModelStats", "UsageReport", "scan_usage"]
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """One model version's footprint. ``chunks`` counts committed chunks; objects and bytes count everything."""
+
+    label: str
+    model_id: str
+    status: str
+    retired_at: float | None = None
+    retired_by: str | None = None
+    chunks: int = 0
+    objects: int = 0
+    bytes: int = 0
+    last_write: float | None = None
+    sampled_chunks: int = 0
+    sampled_tokens: int = 0
+    sampled_stored_bytes: int = 0
+    sampled_raw_bytes: int = 0
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Decoded KV bytes per stored layer byte, from the sampled commit records."""
+        return self.sampled_raw_bytes / self.sampled_stored_bytes if self.sampled_stored_bytes else None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out["compression_ratio"] = self.compression_ratio
+        return out
+
+
+@dataclass(slots=True)
+class UsageReport:
+    """A store's footprint: per model version, chunk size histogram (log2 buckets of bytes), totals."""
+
+    url: str
+    chunk_tokens: int
+    models: dict[str, ModelStats] = field(default_factory=dict)
+    chunk_size_histogram: Counter[int] = field(default_factory=Counter)
+    chunk_dirs: int = 0
+    other_objects: int = 0
+    other_bytes: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def objects(self) -> int:
+        return sum(m.objects for m in self.models.values()) + self.other_objects
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.bytes for m in self.models.values()) + self.other_bytes
+
+    @property
+    def chunks(self) -> int:
+        return sum(m.chunks for m in self.models.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        stored = sum(m.sampled_stored_bytes for m in self.models.values())
+        raw = sum(m.sampled_raw_bytes for m in self.models.values())
+        chunk_objects = self.objects - self.other_objects
+        return {
+            "url": self.url,
+            "chunk_tokens": self.chunk_tokens,
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "chunks": self.chunks,
+            "chunk_directories": self.chunk_dirs,
+            "objects_per_chunk": chunk_objects / self.chunk_dirs if self.chunk_dirs else None,
+            "compression_ratio": raw / stored if stored else None,
+            "chunk_size_histogram": {f"<{1 << b}": n for b, n in sorted(self.chunk_size_histogram.items())},
+            "other_objects": self.other_objects,
+            "other_bytes": self.other_bytes,
+            "models": [m.as_dict() for m in sorted(self.models.values(), key=lambda m: m.label)],
+            "elapsed_seconds": round(self.elapsed, 3),
+        }
+
+
+def _stats_for(m: ModelInfo) -> ModelStats:
+    return ModelStats(m.label, m.model_id.hex(), m.status, m.retired_at, m.retired_by)
+
+
+async def scan_usage(
+    backend: ObjectStore, *, sample: int = 256, progress: GCProgress | None = None, concurrency: int = 16
+) -> UsageReport:
+    """List the store once and sum objects, bytes and committed chunks per model version.
+
+    Chunk sizes are summed over consecutive objects of one chunk directory (listings
+    of local directories and S3 are grouped that way). ``sample`` commit records per
+    model give the compression ratio and tokens per chunk.
+    """
+    started = time.monotonic()
+    try:
+        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
+    except ObjectNotFoundError:
+        raise StoreConfigError(f"{backend.url}: no kvstore store here (no {ROOT_RECORD})") from None
+    registry = await read_registry(backend)
+    infos = {m.model_id.hex(): m for m in registry.models}
+    report = UsageReport(backend.url, root.chunk_tokens)
+    for m in registry.models:
+        report.models[m.model_id.hex()] = _stats_for(m)
+    limit = asyncio.Semaphore(concurrency)
+    current: tuple[str, str] | None = None
+    current_bytes = 0
+
+    def close_chunk() -> None:
+        if current is not None and current_bytes > 0:
+            report.chunk_size_histogram[max(current_bytes - 1, 0).bit_length()] += 1
+            report.chunk_dirs += 1
+
+    async def sample_commit(stats: ModelStats, info: ModelInfo, key: str) -> None:
+        try:
+            rec = CommitRecord.from_msgpack(await backend.get(key))
+        except (ObjectNotFoundError, IntegrityError, FormatVersionError):
+            return
+        finally:
+            limit.release()
+        token_bytes = 2 * info.spec.num_kv_heads * info.spec.head_dim * dtype_info(info.spec.dtype).itemsize
+        stats.sampled_chunks += 1
+        stats.sampled_tokens += rec.num_tokens
+        stats.sampled_stored_bytes += sum(rec.layer_sizes)
+        stats.sampled_raw_bytes += rec.num_tokens * token_bytes * len(rec.layer_sizes)
+
+    if progress is not None:
+        progress.start("list", None)
+    async with task_group() as tg:
+        async for meta in backend.list(""):
+            if progress is not None:
+                progress.advance("list", 1)
+            parts = split_chunk_key(meta.key) if meta.key.startswith(CHUNKS_DIR + "/") else None
+            if parts is None:
+                report.other_objects += 1
+                report.other_bytes += meta.size
+                continue
+            mid, khex, rest = parts
+            if (mid, khex) != current:
+                close_chunk()
+                current, current_bytes = (mid, khex), 0
+            current_bytes += meta.size
+            stats = report.models.get(mid)
+            if stats is None:
+                stats = report.models[mid] = ModelStats(mid, mid, "unknown")
+            stats.objects += 1
+            stats.bytes += meta.size
+            if meta.mtime is not None:
+                stats.last_write = max(stats.last_write or -math.inf, meta.mtime)
+            if rest == COMMIT_NAME:
+                stats.chunks += 1
+                info = infos.get(mid)
+                if info is not None and stats.chunks <= sample:
+                    await limit.acquire()
+                    tg.create_task(sample_commit(stats, info, meta.key))
+        close_chunk()
+    if progress is not None:
+        progress.finish("list")
+    report.elapsed = time.monotonic() - started
+    return report

@@ -1,0 +1,211 @@
+"""The maintenance commands: ls, stats, verify, retire and gc — output, JSON and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvstore
+from kvstore.cli import gc_cmd
+from kvstore.cli.main import cli
+from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import chunk_prefix, layer_path
+
+OLD = kvstore.ModelSpec("tiny-llama", "v1", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+NEW = kvstore.ModelSpec("tiny-llama", "v2", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+TOKENS = list(range(40))
+
+
+def _kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(n)
+    return [(torch.randn(n, 2, 8, generator=gen).half(), torch.randn(n, 2, 8, generator=gen).half())] * 2
+
+
+def _make_store(url: str, options: dict[str, Any] | None = None) -> None:
+    with kvstore.sync.open(url, storage_options=options, chunk_tokens=16) as store:
+        store.save_prefix(OLD, TOKENS, _kv(40))
+        store.save_prefix(NEW, TOKENS, _kv(40))
+
+
+def _age(root: Path, seconds: float = 7200) -> None:
+    past = time.time() - seconds
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (past, past))
+
+
+def _invoke(*args: str, stdin: str | None = None) -> Any:
+    return CliRunner().invoke(cli, list(args), input=stdin)
+
+
+def test_ls_shows_versions_with_status(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    assert _invoke("retire", url, "tiny-llama@v1", "--reason", "new weights").exit_code == 0
+    result = _invoke("ls", url, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {m["label"]: m for m in json.loads(result.output)["models"]}
+    assert rows["tiny-llama@v1"]["status"] == "retired"
+    assert rows["tiny-llama@v2"]["status"] == "live"
+    assert rows["tiny-llama@v2"]["chunks"] == 3  # 16 + 16 + an 8-token tail
+    assert rows["tiny-llama@v2"]["bytes"] > 0
+    assert rows["tiny-llama@v2"]["last_write"] > 0
+    table = _invoke("ls", url)
+    assert table.exit_code == 0
+    assert "retired" in table.output
+    assert "tiny-llama@v2" in table.output
+
+
+def test_stats_reports_totals_and_distribution(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    data = json.loads(_invoke("stats", url, "--json").output)
+    assert data["chunks"] == 6
+    assert data["compression_ratio"] == pytest.approx(1.0)
+    assert data["objects_per_chunk"] == pytest.approx(26 / 6)  # 4 objects per chunk + one tail marker per model
+    assert sum(data["chunk_size_histogram"].values()) == 6
+    text = _invoke("stats", url)
+    assert text.exit_code == 0
+    assert "compression ratio" in text.output
+
+
+def test_retire_json_and_errors(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    result = _invoke("retire", url, "tiny-llama@v1", "--by", "ci", "--json")
+    assert result.exit_code == 0
+    [row] = json.loads(result.output)["retired"]
+    assert (row["status"], row["retired_by"]) == ("retired", "ci")
+    missing = _invoke("retire", url, "tiny-llama@v9")
+    assert missing.exit_code == 1
+    assert missing.output.startswith("kvstore: error: no model tiny-llama@v9")
+    assert missing.output.count("\n") == 1
+    assert _invoke("retire", url, "no-version").exit_code == 2
+    with pytest.raises(kvstore.ModelRetiredError), kvstore.sync.open(url) as store:
+        store.save_prefix(OLD, TOKENS, _kv(40))
+
+
+def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    _invoke("retire", url, "tiny-llama@v1")
+    _age(tmp_path / "s")
+    files = sorted(tmp_path.rglob("*"))
+    plan = _invoke("gc", url, "--dry-run", "--json")
+    assert plan.exit_code == 0, plan.output
+    assert sorted(tmp_path.rglob("*")) == files
+    planned = json.loads(plan.output)
+    assert planned["dry_run"]
+    assert planned["freed_objects"] == 13
+    text = _invoke("gc", url, "--dry-run")
+    assert "nothing deleted" in text.output
+    assert "tiny-llama@v1" in text.output
+
+    done = _invoke("gc", url, "--json", "--grace", "30m")
+    assert done.exit_code == 0
+    report = json.loads(done.output)
+    assert report["freed_objects"] == 13
+    assert report["reasons"] == {"retired": 13}
+    with kvstore.sync.open(url) as store:
+        assert store.load_prefix(NEW, TOKENS).num_tokens == 40
+
+
+def test_gc_grace_keeps_young_objects(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    _invoke("retire", url, "tiny-llama@v1")
+    report = json.loads(_invoke("gc", url, "--json").output)  # default grace 1h: all still young
+    assert report["freed_objects"] == 0
+    assert sum(m["young_objects"] for m in report["models"]) == 13
+
+
+def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    _invoke("retire", url, "tiny-llama@v1")
+    _age(tmp_path / "s")
+    monkeypatch.setattr(gc_cmd, "is_terminal", lambda: True)
+    files = sorted(tmp_path.rglob("*"))
+    no = _invoke("gc", url, "--confirm-threshold", "5", stdin="n\n")
+    assert no.exit_code == 1
+    assert "Delete 13 objects" in no.output
+    assert sorted(tmp_path.rglob("*")) == files
+    yes = _invoke("gc", url, "--confirm-threshold", "5", stdin="y\n")
+    assert yes.exit_code == 0
+    assert "GC summary" in yes.output
+    assert _invoke("gc", url, "--confirm-threshold", "5").exit_code == 0  # nothing left: no question
+
+
+def test_verify_finds_and_repairs_damage(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    _make_store(url)
+    ok = _invoke("verify", url, "--json")
+    assert ok.exit_code == 0
+    assert json.loads(ok.output)["chunks_checked"] == 6
+    key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[1]
+    layer = tmp_path / "s" / layer_path(chunk_prefix(model_id(NEW), key.digest), 1)
+    data = bytearray(layer.read_bytes())
+    data[3] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    bad = _invoke("verify", url, "--model", "tiny-llama@v2", "--json")
+    assert bad.exit_code == 3
+    report = json.loads(bad.output)
+    assert report["chunks_checked"] == 3
+    assert [(d["key"], d["problem"]) for d in report["damaged"]] == [(key.hex, "layer 1 checksum mismatch")]
+    fixed = _invoke("verify", url, "--model", "tiny-llama@v2", "--repair")
+    assert fixed.exit_code == 0
+    assert "1 damaged, 1 deleted" in fixed.output
+    assert _invoke("verify", url, "--json").exit_code == 0
+    with kvstore.sync.open(url) as store:
+        assert store.load_prefix(NEW, TOKENS).num_tokens == 16  # chunk 1 is a miss now
+        store.save_prefix(NEW, TOKENS, _kv(40))
+        assert store.load_prefix(NEW, TOKENS).num_tokens == 40
+    assert _invoke("verify", url, "--model", "nope@v1").exit_code == 1
+
+
+@pytest.mark.parametrize("command", ["ls", "stats", "verify", "gc"])
+def test_missing_store_is_one_line_error(tmp_path: Path, command: str) -> None:
+    result = _invoke(command, str(tmp_path / "missing"))
+    assert result.exit_code == 1
+    assert result.output.startswith("kvstore: error:")
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "missing").exists()
+
+
+def test_debug_shows_the_traceback_and_bad_grace_is_a_usage_error(tmp_path: Path) -> None:
+    result = _invoke("--debug", "ls", str(tmp_path / "missing"))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, kvstore.StoreConfigError)
+    assert _invoke("gc", str(tmp_path), "--grace", "soon").exit_code == 2
+
+
+@pytest.mark.s3
+def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: Any) -> None:
+    url, options = s3_store_url
+    _make_store(url, options)
+    exe = shutil.which("kvstore", path=str(Path(sys.executable).parent))
+    assert exe
+    env = {**os.environ, "AWS_ENDPOINT_URL": options["endpoint_url"], "AWS_DEFAULT_REGION": "us-east-1"}
+    retire = subprocess.run([exe, "retire", url, "tiny-llama@v1"], capture_output=True, text=True, env=env)
+    assert retire.returncode == 0, retire.stderr
+    time.sleep(1.1)
+    out = subprocess.run([exe, "gc", url, "--grace", "1s", "--json"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["reasons"] == {"retired": 13}
+    ls = subprocess.run([exe, "ls", url, "--json"], capture_output=True, text=True, env=env)
+    rows = {m["label"]: m for m in json.loads(ls.stdout)["models"]}
+    assert rows["tiny-llama@v1"]["objects"] == 0
+    assert rows["tiny-llama@v2"]["chunks"] == 3
+    bad = subprocess.run([exe, "ls", "s3://no-such-bucket-kvstore/x"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1
