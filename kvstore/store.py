@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -22,6 +23,7 @@ from kvstore.errors import (
     FormatVersionError,
     IntegrityError,
     InvalidInputError,
+    ModelRetiredError,
     ObjectNotFoundError,
     StoreUnavailableError,
 )
@@ -36,11 +38,13 @@ from kvstore.formats.layout import (
     layer_path,
     model_record_path,
     parse_tail_marker,
+    retirement_record_path,
     tails_prefix,
     zarr_array_metadata,
 )
 from kvstore.formats.records import CommitRecord, ModelRecord
-from kvstore.results import LayerKV, LoadResult, SaveResult, StoreStats
+from kvstore.registry import Registry, read_registry, retire_models
+from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
@@ -50,6 +54,9 @@ __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 logger = logging.getLogger("kvstore")
 
 DEFAULT_CHUNK_TOKENS = 256
+
+LIVE_CHECK_TTL = 60.0
+"""Seconds a store trusts that a model version is not retired before checking again (one HEAD)."""
 
 R = TypeVar("R")
 
@@ -68,9 +75,15 @@ class StoreOptions:
 
     def __post_init__(self) -> None:
         get_codec(self.codec)
-        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+        if (
+            isinstance(self.max_concurrency, bool)
+            or not isinstance(self.max_concurrency, int)
+            or self.max_concurrency < 1
+        ):
             raise InvalidInputError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
-        if not isinstance(self.chunk_tokens, int) or not 1 <= self.chunk_tokens <= 1 << 24:
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
+            raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
+        if not 1 <= self.chunk_tokens <= 1 << 24:
             raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
 
 
@@ -99,10 +112,14 @@ def _check_spec(spec: object) -> ModelSpec:
 
 
 def _device(device: torch.device | str) -> torch.device:
+    """Parse ``device`` and check it is usable now, before any I/O is spent on a load."""
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"invalid device {device!r}: {exc}") from None
+        dev = torch.device(device)
+        if dev.type != "cpu":
+            torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, AssertionError) as exc:  # torch asserts when CUDA is not compiled in
+        raise InvalidInputError(f"device {device!r} is not usable: {exc}") from None
+    return dev
 
 
 def _digest(parts: Sequence[memoryview]) -> bytes:
@@ -123,6 +140,7 @@ class KVStore:
         self._limit = asyncio.Semaphore(options.max_concurrency)
         self._counters = _Counters()
         self._known_models: set[bytes] = set()
+        self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._closed = False
 
     @property
@@ -233,7 +251,11 @@ class KVStore:
         mid = model_id(spec)
         await self._ensure_model_record(spec, mid)
         present = await run_all(self._head(commit_path(chunk_prefix(mid, k.digest))) for k in keys)
-        missing = [k for k, ok in zip(keys, present, strict=True) if not ok]
+        # Chunks after the first missing one are rewritten, not skipped: while the chain had a gap
+        # they were unreachable, and rewriting refreshes their mtime so a concurrent GC's grace
+        # period protects them (see "Garbage collection" in docs/FORMAT.md).
+        first_gap = present.index(False) if False in present else len(keys)
+        missing = keys[first_gap:]
         written = [(0, 0)]
         if missing:
             host = await asyncio.to_thread(host_kv, kv)
@@ -253,10 +275,20 @@ class KVStore:
         )
 
     async def _ensure_model_record(self, spec: ModelSpec, mid: bytes) -> None:
+        await self._check_live(spec, mid)
         if mid in self._known_models:
             return
         await self._put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)
         self._known_models.add(mid)
+
+    async def _check_live(self, spec: ModelSpec, mid: bytes) -> None:
+        """Refuse saves under a retired model; a positive check is trusted for LIVE_CHECK_TTL seconds."""
+        now = time.monotonic()
+        if now - self._live_checked.get(mid, -LIVE_CHECK_TTL) < LIVE_CHECK_TTL:
+            return
+        if await self._head(retirement_record_path(mid)):
+            raise ModelRetiredError(f"model {spec.label} was retired in {self.url}; save under a new version")
+        self._live_checked[mid] = now
 
     async def _write_chunk(self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV]) -> tuple[int, int]:
         """Write a chunk's layers and zarr metadata, then its commit record; return (bytes, objects)."""
@@ -265,15 +297,25 @@ class KVStore:
         lo, hi = key.start * token_bytes, key.end * token_bytes
         itemsize = dtype_info(spec.dtype).itemsize
 
-        def encode(layer: int) -> tuple[bytes, bytes]:
+        def parts(layer: int) -> list[memoryview]:
             k, v = host[layer]
-            parts = [byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data]
-            return self._codec.encode(parts, itemsize), _digest(parts)
+            return [byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data]
+
+        def encode(layer: int) -> tuple[bytes, bytes]:
+            return self._codec.encode(parts(layer), itemsize), _digest(parts(layer))
+
+        raw = self._codec.name == "none"
+        # Uncompressed: hash every layer of the chunk in one worker call, then write the
+        # tensor memory as is (one thread hop per layer, no concatenation copy).
+        digests = await asyncio.to_thread(lambda: [_digest(parts(i)) for i in range(spec.num_layers)]) if raw else []
 
         async def write_layer(layer: int) -> tuple[int, bytes]:
             async with self._limit:
-                data, digest = await asyncio.to_thread(encode, layer)
                 self._counters.requests_put += 1
+                if raw:
+                    await self._backend.put_parts(layer_path(prefix, layer), parts(layer))
+                    return 2 * (hi - lo), digests[layer]
+                data, digest = await asyncio.to_thread(encode, layer)
                 await self._backend.put(layer_path(prefix, layer), data)
             return len(data), digest
 
@@ -385,10 +427,14 @@ class KVStore:
             self._counters.requests_get += 1
             try:
                 if commit.codec == "none" and self._backend.reads_into_buffers:
-                    size = await self._backend.get_into(path, [kb.data, vb.data])
-                    _check_size(size, expected_size)
-                    if digest is not None:
-                        await asyncio.to_thread(_verify, [kb.data, vb.data], digest)
+                    buffers = [kb.data, vb.data]
+
+                    def check(size: int) -> None:  # in the reading thread, while the bytes are cache-hot
+                        _check_size(size, expected_size)
+                        if digest is not None:
+                            _verify(buffers, digest)
+
+                    size = await self._backend.get_into(path, buffers, then=check)
                 else:
                     data = await self._backend.get(path)
                     _check_size(len(data), expected_size)
@@ -417,17 +463,34 @@ class KVStore:
 
     # ------------------------------------------------------------------ models
 
-    async def models(self) -> list[ModelRecord]:
-        """Model records in this store (every spec that was ever saved), sorted by name and version."""
+    async def models(self) -> list[ModelInfo]:
+        """Every model version saved in this store with its status (live or retired), by name and version."""
         self._check_open()
-        keys = [m.key async for m in self._backend.list(MODELS_DIR + "/") if m.key.endswith(".msgpack")]
-        records = []
-        for data in await run_all(self._get(k) for k in keys):
-            try:
-                records.append(ModelRecord.from_msgpack(data))
-            except (IntegrityError, FormatVersionError) as exc:
-                logger.warning("skipping unreadable model record: %s", exc)
-        return sorted(records, key=lambda r: (r.spec.name, r.spec.version))
+        return list((await self._registry()).models)
+
+    async def retire(
+        self, name: str, version: str, *, by: str | None = None, reason: str | None = None
+    ) -> list[ModelInfo]:
+        """Retire model version ``name@version``: the GC collects its chunks and saves under it fail.
+
+        Every model record with that name and version is retired (specs differing
+        in layout share them). ``by`` defaults to ``user@host``. Retiring again is
+        a no-op that returns the first retirement. Final: there is no un-retire.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not isinstance(version, str):
+            raise InvalidInputError("retire: name and version must be strings")
+        registry = await self._registry()
+        retired = await retire_models(self._backend, registry, name, version, by=by, reason=reason)
+        for m in retired:
+            self._live_checked.pop(m.model_id, None)
+        return retired
+
+    async def _registry(self) -> Registry:
+        async with self._limit:
+            self._counters.requests_list += 1
+            listing = [m.key async for m in self._backend.list(MODELS_DIR + "/")]
+        return await read_registry(self._backend, listing=listing, get=self._get)
 
     # ------------------------------------------------------------------ lifecycle
 

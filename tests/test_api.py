@@ -16,6 +16,8 @@ EXPECTED = {
     "KVStore",
     "KVStoreError",
     "LoadResult",
+    "ModelInfo",
+    "ModelRetiredError",
     "ModelSpec",
     "ObjectNotFoundError",
     "SaveResult",
@@ -44,7 +46,7 @@ def test_no_gc_at_top_level() -> None:
 
 def test_every_error_is_a_kvstore_error() -> None:
     errors = [getattr(kvstore, n) for n in kvstore.__all__ if n.endswith("Error")]
-    assert len(errors) == 8
+    assert len(errors) == 9
     for err in errors:
         assert issubclass(err, kvstore.KVStoreError)
     assert issubclass(kvstore.InvalidInputError, ValueError)
