@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kvstore import sync
 from kvstore.errors import (
+    CircuitOpenError,
     FormatVersionError,
     IntegrityError,
     InvalidInputError,
@@ -25,12 +26,14 @@ from kvstore.formats import FORMAT_VERSION
 from kvstore.opening import open
 from kvstore.results import LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
+from kvstore.storage.resilient import RetryPolicy
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 from kvstore.sync import SyncStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitOpenError",
     "DEFAULT_CHUNK_TOKENS",
     "FORMAT_VERSION",
     "FormatVersionError",
@@ -43,6 +46,7 @@ __all__ = [
     "ModelRetiredError",
     "ModelSpec",
     "ObjectNotFoundError",
+    "RetryPolicy",
     "SaveResult",
     "StoreConfigError",
     "StoreOptions",

@@ -8,7 +8,8 @@
     ├── ObjectNotFoundError      the storage boundary found no object at a key (also a KeyError)
     ├── ModelRetiredError        a save under a model version that was retired (``store.retire``)
     └── StoreUnavailableError    the backend cannot be reached or refused the request
-        └── StorePermissionError the backend denied access to a key
+        ├── StorePermissionError the backend denied access to a key
+        └── CircuitOpenError     skipped at once: the backend failed repeatedly and is cooling down
 
 Backend exceptions (OSError, botocore errors, ...) are translated at the storage
 boundary with ``raise ... from exc`` so callers only ever catch this tree.
@@ -17,6 +18,7 @@ boundary with ``raise ... from exc`` so callers only ever catch this tree.
 from __future__ import annotations
 
 __all__ = [
+    "CircuitOpenError",
     "FormatVersionError",
     "IntegrityError",
     "InvalidInputError",
@@ -66,3 +68,7 @@ class StoreUnavailableError(KVStoreError):
 
 class StorePermissionError(StoreUnavailableError):
     """The storage backend denied access (credentials, bucket policy, read-only path)."""
+
+
+class CircuitOpenError(StoreUnavailableError):
+    """Not sent: the backend failed repeatedly and is skipped until its cool-down ends."""

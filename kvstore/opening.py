@@ -7,14 +7,17 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
-from kvstore.errors import IntegrityError, ObjectNotFoundError, StoreConfigError
+from kvstore.errors import IntegrityError, InvalidInputError, ObjectNotFoundError, StoreConfigError
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.layout import ROOT_RECORD
 from kvstore.formats.records import RootRecord
 from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 
-__all__ = ["open"]
+__all__ = ["DEFAULT_RETRY", "open"]
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 class _Opening:
@@ -26,15 +29,17 @@ class _Opening:
         storage_options: dict[str, Any] | None,
         overrides: dict[str, Any],
         create: bool,
+        retry: RetryPolicy | None,
     ):
         self._url = url
         self._storage_options = storage_options
         self._overrides = overrides
         self._create = create
+        self._retry = retry
         self._store: KVStore | None = None
 
     def __await__(self) -> Generator[Any, None, KVStore]:
-        return _open_store(self._url, self._storage_options, self._overrides, self._create).__await__()
+        return _open_store(self._url, self._storage_options, self._overrides, self._create, self._retry).__await__()
 
     async def __aenter__(self) -> KVStore:
         self._store = await self
@@ -58,13 +63,18 @@ def open(  # noqa: A001 - the public name the API promises
     save_tail: bool = True,
     repair: bool = True,
     create: bool = True,
+    retry: RetryPolicy | None = DEFAULT_RETRY,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
     A store that does not exist yet is created unless ``create`` is false.
     ``chunk_tokens`` is recorded when the store is created; None accepts the
     store's value (256 for a new store), and a different value is an error.
+    ``retry`` sets retries, per-request timeouts and the circuit breaker around
+    every request (None: each request is tried once, without a timeout).
     """
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidInputError(f"retry must be a kvstore.RetryPolicy or None, got {type(retry).__name__}")
     overrides: dict[str, Any] = {
         "chunk_tokens": chunk_tokens,
         "codec": codec,
@@ -74,13 +84,19 @@ def open(  # noqa: A001 - the public name the API promises
         "repair": repair,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
-    return _Opening(url, storage_options, overrides, create)
+    return _Opening(url, storage_options, overrides, create, retry)
 
 
 async def _open_store(
-    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, overrides: dict[str, Any], create: bool
+    url: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None,
+    overrides: dict[str, Any],
+    create: bool,
+    retry: RetryPolicy | None,
 ) -> KVStore:
     backend = await open_object_store(url, storage_options)
+    if retry is not None:
+        backend = ResilientObjectStore(backend, retry)
     try:
         root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
     except BaseException:

@@ -8,6 +8,8 @@ import sys
 import kvstore
 
 EXPECTED = {
+    "CircuitOpenError",
+    "RetryPolicy",
     "DEFAULT_CHUNK_TOKENS",
     "FORMAT_VERSION",
     "FormatVersionError",
@@ -46,11 +48,12 @@ def test_no_gc_at_top_level() -> None:
 
 def test_every_error_is_a_kvstore_error() -> None:
     errors = [getattr(kvstore, n) for n in kvstore.__all__ if n.endswith("Error")]
-    assert len(errors) == 9
+    assert len(errors) == 10
     for err in errors:
         assert issubclass(err, kvstore.KVStoreError)
     assert issubclass(kvstore.InvalidInputError, ValueError)
     assert issubclass(kvstore.StorePermissionError, kvstore.StoreUnavailableError)
+    assert issubclass(kvstore.CircuitOpenError, kvstore.StoreUnavailableError)
 
 
 def test_import_kvstore_leaves_optional_parts_unimported() -> None:

@@ -1,0 +1,232 @@
+"""Retries, per-request timeouts and a circuit breaker around any ObjectStore.
+
+Object stores throttle (503 SlowDown), time out and reset connections. A cache in
+the inference path must turn that into a short delay or a fast failure, never a
+hang: every request gets a timeout, transient failures are retried with capped
+exponential backoff and full jitter, and after ``breaker_threshold`` consecutive
+failures the store is skipped for ``breaker_cooldown`` seconds (requests fail at
+once with CircuitOpenError), then one probe request decides whether it is back.
+
+Only StoreUnavailableError and timeouts are retried. A definite answer (not
+found, access denied, damaged data) is returned at once and counts as proof that
+the store is up. Every operation kvstore issues is idempotent (content-addressed
+writes, create-only records, deletes), so a retry after a lost reply is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kvstore.errors import (
+    CircuitOpenError,
+    InvalidInputError,
+    KVStoreError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+from kvstore.storage.base import ObjectMeta, ObjectStore
+
+__all__ = ["CircuitBreaker", "ResilientObjectStore", "RetryPolicy", "RetryStats"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try one request before giving up, and when to stop trying at all."""
+
+    attempts: int = 4
+    """Tries per request, the first included."""
+    base_delay: float = 0.05
+    """Backoff before retry n is uniform in [0, min(max_delay, base_delay * 2**n)] seconds."""
+    max_delay: float = 2.0
+    request_timeout: float | None = 30.0
+    """Seconds one request may take (None: no limit)."""
+    breaker_threshold: int = 8
+    """Consecutive failed requests that open the circuit (0 disables the breaker)."""
+    breaker_cooldown: float = 5.0
+    """Seconds an open circuit fails requests at once before one probe is let through."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise InvalidInputError(f"RetryPolicy.attempts must be an int >= 1, got {self.attempts!r}")
+        if isinstance(self.breaker_threshold, bool) or not isinstance(self.breaker_threshold, int):
+            raise InvalidInputError("RetryPolicy.breaker_threshold must be an int")
+        if self.breaker_threshold < 0:
+            raise InvalidInputError("RetryPolicy.breaker_threshold must be >= 0")
+        for name in ("base_delay", "max_delay", "breaker_cooldown"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise InvalidInputError(f"RetryPolicy.{name} must be a number >= 0, got {value!r}")
+        timeout = self.request_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidInputError(f"RetryPolicy.request_timeout must be a positive number or None, got {timeout!r}")
+
+    def backoff(self, retry: int) -> float:
+        """Full-jitter delay before retry number ``retry`` (0-based)."""
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2.0**retry))
+
+
+@dataclass(slots=True)
+class RetryStats:
+    """What the resilience layer did, for store statistics and logs."""
+
+    retries: int = 0
+    failures: int = 0
+    """Requests that failed after all their attempts."""
+    timeouts: int = 0
+    fast_failures: int = 0
+    """Requests refused at once because the circuit was open."""
+    circuit_opened: int = 0
+
+
+class CircuitBreaker:
+    """Closed → open after ``threshold`` consecutive failures → half-open after ``cooldown``.
+
+    Half-open lets one probe through; its success closes the circuit, its failure
+    opens it again for another cooldown.
+    """
+
+    def __init__(self, threshold: int, cooldown: float, stats: RetryStats, clock: Callable[[], float]) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._stats = stats
+        self._clock = clock
+        self._failures = 0
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def before_request(self, url: str) -> bool:
+        """Raise CircuitOpenError when the request must not go out; True when it is the half-open probe."""
+        if self._open_until is None:
+            return False
+        if self._clock() < self._open_until or self._probing:
+            self._stats.fast_failures += 1
+            raise CircuitOpenError(f"{url}: skipped after {self._failures} consecutive failures (circuit open)")
+        self._probing = True
+        return True
+
+    def success(self, probe: bool) -> None:
+        if probe:
+            self._probing = False
+        self._failures = 0
+        self._open_until = None
+
+    def failure(self, probe: bool) -> None:
+        if probe:
+            self._probing = False
+        self._failures += 1
+        if self._threshold and self._failures >= self._threshold:
+            if self._open_until is None:
+                self._stats.circuit_opened += 1
+            self._open_until = self._clock() + self._cooldown
+
+
+class ResilientObjectStore(ObjectStore):
+    """An ObjectStore that retries, times out and breaks the circuit for ``inner``."""
+
+    def __init__(
+        self, inner: ObjectStore, policy: RetryPolicy | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.inner = inner
+        self.policy = policy or RetryPolicy()
+        self.url = inner.url
+        self.reads_into_buffers = inner.reads_into_buffers
+        self.stats = RetryStats()
+        self.breaker = CircuitBreaker(self.policy.breaker_threshold, self.policy.breaker_cooldown, self.stats, clock)
+
+    async def _request(self, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        policy = self.policy
+        for n in range(policy.attempts):
+            probe = self.breaker.before_request(self.url)
+            try:
+                async with asyncio.timeout(policy.request_timeout):
+                    result = await attempt()
+            except TimeoutError:
+                self.stats.timeouts += 1
+                error: StoreUnavailableError = StoreUnavailableError(
+                    f"{self.url}: no answer for {key!r} within {policy.request_timeout} s"
+                )
+            except StoreUnavailableError as exc:
+                if not _transient(exc):
+                    self.breaker.success(probe)  # a definite refusal: the store is up
+                    raise
+                error = exc
+            except KVStoreError:
+                self.breaker.success(probe)  # not found, damaged data: a definite answer
+                raise
+            except BaseException:
+                if probe:
+                    self.breaker.failure(probe)  # cancelled probe: let another one through later
+                raise
+            else:
+                self.breaker.success(probe)
+                return result
+            self.breaker.failure(probe)
+            if n + 1 == policy.attempts or self.breaker.is_open:
+                self.stats.failures += 1
+                raise error
+            self.stats.retries += 1
+            await asyncio.sleep(policy.backoff(n))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, key: str) -> bytes:
+        return await self._request(key, lambda: self.inner.get(key))
+
+    async def get_into(
+        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
+        return await self._request(key, lambda: self.inner.get_into(key, buffers, then=then))
+
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        return await self._request(key, lambda: self.inner.put(key, data, create_only=create_only))
+
+    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
+        await self._request(key, lambda: self.inner.put_parts(key, parts))
+
+    async def head(self, key: str) -> ObjectMeta | None:
+        return await self._request(key, lambda: self.inner.head(key))
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
+        """Retried until the first entry arrives; a failure after that propagates (no duplicates)."""
+        policy = self.policy
+        for n in range(policy.attempts):
+            probe = self.breaker.before_request(self.url)
+            started = False
+            try:
+                async for meta in self.inner.list(prefix):
+                    if not started:
+                        started = True
+                        self.breaker.success(probe)
+                    yield meta
+            except StoreUnavailableError as exc:
+                self.breaker.failure(probe)
+                if started or not _transient(exc) or n + 1 == policy.attempts or self.breaker.is_open:
+                    self.stats.failures += 1
+                    raise
+                self.stats.retries += 1
+                await asyncio.sleep(policy.backoff(n))
+                continue
+            if not started:
+                self.breaker.success(probe)
+            return
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        await self._request(keys[0] if keys else "", lambda: self.inner.delete(keys))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _transient(exc: StoreUnavailableError) -> bool:
+    """Worth retrying: unavailability, but not access denied or an open circuit."""
+    return not isinstance(exc, (StorePermissionError, CircuitOpenError))
