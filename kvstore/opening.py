@@ -15,7 +15,10 @@ from kvstore.storage import ObjectStore, open_object_store
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 
-__all__ = ["DEFAULT_RETRY", "open"]
+__all__ = ["DEFAULT_RETRY", "NAMESPACES_DIR", "namespace_url", "open"]
+
+NAMESPACES_DIR = "namespaces"
+_NAMESPACE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 DEFAULT_RETRY = RetryPolicy()
 
@@ -64,6 +67,7 @@ def open(  # noqa: A001 - the public name the API promises
     repair: bool = True,
     create: bool = True,
     retry: RetryPolicy | None = DEFAULT_RETRY,
+    namespace: str | None = None,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
@@ -72,7 +76,11 @@ def open(  # noqa: A001 - the public name the API promises
     store's value (256 for a new store), and a different value is an error.
     ``retry`` sets retries, per-request timeouts and the circuit breaker around
     every request (None: each request is tried once, without a timeout).
+    ``namespace`` opens the tenant store ``<url>/namespaces/<namespace>``: a
+    key prefix of its own (for bucket policies and lifecycle rules) whose
+    chunks are never shared with, or visible from, another namespace.
     """
+    url = namespace_url(url, namespace)
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidInputError(f"retry must be a kvstore.RetryPolicy or None, got {type(retry).__name__}")
     overrides: dict[str, Any] = {
@@ -85,6 +93,24 @@ def open(  # noqa: A001 - the public name the API promises
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create, retry)
+
+
+def namespace_url(url: str | os.PathLike[str], namespace: str | None) -> str | os.PathLike[str]:
+    """The URL of ``namespace``'s store under ``url`` (``url`` itself for None).
+
+    Names are 1-64 characters of ``[A-Za-z0-9._-]``, not ``.`` or ``..``: they
+    become one path segment, safe in every backend and in IAM policy ARNs.
+    """
+    if namespace is None:
+        return url
+    if (
+        not isinstance(namespace, str)
+        or not 0 < len(namespace) <= 64
+        or not set(namespace) <= _NAMESPACE_CHARS
+        or namespace in (".", "..")
+    ):
+        raise InvalidInputError(f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}")
+    return f"{os.fspath(url).rstrip('/')}/{NAMESPACES_DIR}/{namespace}"
 
 
 async def _open_store(
