@@ -43,11 +43,13 @@ from kvstore.formats.layout import (
     zarr_array_metadata,
 )
 from kvstore.formats.records import CommitRecord, ModelRecord
+from kvstore.loading import LayerStream, LoadState
+from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
 from kvstore.registry import Registry, read_registry, retire_models
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
-from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
+from kvstore.tensors import byte_view, check_kv, host_kv
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 
@@ -72,6 +74,8 @@ class StoreOptions:
     save_tail: bool = True
     repair: bool = True
     """Delete the commit record of a chunk found damaged, so the next save rewrites it."""
+    prefetch_budget: int = 1 << 30
+    """Bytes of KV that unclaimed prefetches may hold; past it the oldest are dropped."""
 
     def __post_init__(self) -> None:
         get_codec(self.codec)
@@ -81,6 +85,12 @@ class StoreOptions:
             or self.max_concurrency < 1
         ):
             raise InvalidInputError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
+        if (
+            isinstance(self.prefetch_budget, bool)
+            or not isinstance(self.prefetch_budget, int)
+            or self.prefetch_budget < 0
+        ):
+            raise InvalidInputError(f"prefetch_budget must be an int >= 0, got {self.prefetch_budget!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
             raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
         if not 1 <= self.chunk_tokens <= 1 << 24:
@@ -141,6 +151,7 @@ class KVStore:
         self._counters = _Counters()
         self._known_models: set[bytes] = set()
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
+        self._prefetches = PrefetchBuffer(options.prefetch_budget)
         self._closed = False
 
     @property
@@ -349,43 +360,57 @@ class KVStore:
         """Load the KV of the longest cached prefix of ``tokens`` onto ``device``.
 
         Damaged chunks (bad checksum, size, structure or metadata) end the hit
-        before them; they are counted, logged and never returned.
+        before them; they are counted, logged and never returned. A prefetch of
+        the same tokens and device (``prefetch``) is joined instead of repeated.
         """
         self._check_open()
         spec = _check_spec(spec)
         dev = _device(device)
         arr = normalize_tokens(tokens)
-        self._counters.loads += 1
         mid = model_id(spec)
-        state = _LoadState()
-        hits = await self._find_chain(spec, mid, arr, lambda key: self._read_commit(spec, mid, key, state))
-        if not hits:
-            return LoadResult(0, empty_kv(spec, dev), 0, state.damaged, 0)
+        claimed = self._prefetches.claim(prefetch_key(mid, arr, dev))
+        if claimed is not None:
+            result = await claimed.join()
+            if result is not None:
+                return result
+        return await LayerStream(self, spec, mid, arr, dev).collect()
 
-        num_tokens = hits[-1][0].end
-        shape = (num_tokens, spec.num_kv_heads, spec.head_dim)
-        out = [
-            (torch.empty(shape, dtype=spec.dtype), torch.empty(shape, dtype=spec.dtype)) for _ in range(spec.num_layers)
-        ]
-        state.first_bad = len(hits)
-        # Layer-major order: every chunk of layer 0 is requested before layer 1's.
-        await run_all(
-            self._load_layer(spec, mid, hits, j, layer, out[layer], state)
-            for layer in range(spec.num_layers)
-            for j in range(len(hits))
+    def load_prefix_layers(
+        self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
+    ) -> LayerStream:
+        """Load like ``load_prefix`` but yield ``(layer, k, v)`` in layer order as each layer completes.
+
+        Layer 0 is usable while later layers are still in flight. Use it as
+        ``async with store.load_prefix_layers(...) as layers: async for layer, k, v in layers``
+        so that leaving the loop early cancels the outstanding requests at once;
+        see ``LayerStream`` for what happens when a chunk turns out damaged mid-stream.
+        """
+        self._check_open()
+        spec = _check_spec(spec)
+        dev = _device(device)
+        return LayerStream(self, spec, model_id(spec), normalize_tokens(tokens), dev)
+
+    def prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> PrefetchHandle:
+        """Start loading the cached prefix of ``tokens`` in the background; return at once.
+
+        The handle is awaitable (the ``LoadResult``), cancellable and reports
+        progress. The next ``load_prefix`` of the same tokens and device claims the
+        result (or joins the work in flight) instead of loading again. Unclaimed
+        prefetches are held within ``StoreOptions.prefetch_budget`` bytes; the
+        oldest are dropped (cancelled if running) to make room. Needs a running loop.
+        """
+        self._check_open()
+        spec = _check_spec(spec)
+        dev = _device(device)
+        arr = normalize_tokens(tokens)
+        mid = model_id(spec)
+        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+        bound = 2 * spec.num_layers * len(arr) * token_bytes  # the hit is never longer than the tokens
+        return self._prefetches.start(
+            prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self, spec, mid, arr, dev)
         )
-        loaded = state.first_bad
-        if loaded < len(hits):
-            await self._report_damage(spec, mid, hits[loaded][0], state.error, state)
-            num_tokens = hits[loaded][0].start
-            out = [(k[:num_tokens].clone(), v[:num_tokens].clone()) for k, v in out]
-        kv = tuple(out) if dev.type == "cpu" else tuple((k.to(dev), v.to(dev)) for k, v in out)
-        c = self._counters
-        c.chunks_loaded += loaded
-        c.bytes_read += state.bytes_read
-        return LoadResult(num_tokens, kv, loaded, state.damaged, state.bytes_read)
 
-    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey, state: _LoadState) -> CommitRecord | None:
+    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey, state: LoadState) -> CommitRecord | None:
         """The chunk's commit record if present and valid, else None (damage is reported)."""
         try:
             data = await self._get(commit_path(chunk_prefix(mid, key.digest)))
@@ -410,7 +435,7 @@ class KVStore:
         j: int,
         layer: int,
         dest: LayerKV,
-        state: _LoadState,
+        state: LoadState,
     ) -> None:
         key, commit = hits[j]
         token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
@@ -447,7 +472,7 @@ class KVStore:
         state.bytes_read += size
 
     async def _report_damage(
-        self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None, state: _LoadState
+        self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None, state: LoadState
     ) -> None:
         state.damaged += 1
         self._counters.chunks_damaged += 1
@@ -495,32 +520,19 @@ class KVStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
-        """Release the backend's connections. Idempotent."""
+        """Cancel outstanding prefetches and release the backend's connections. Idempotent."""
         if not self._closed:
             self._closed = True
-            await self._backend.close()
+            try:
+                await self._prefetches.close()
+            finally:
+                await self._backend.close()
 
     async def __aenter__(self) -> KVStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class _LoadState:
-    """Shared progress of one load: the first damaged chunk cuts off all later work."""
-
-    __slots__ = ("bytes_read", "damaged", "error", "first_bad")
-
-    def __init__(self) -> None:
-        self.first_bad = 0
-        self.bytes_read = 0
-        self.damaged = 0
-        self.error: BaseException | None = None
-
-    def fail(self, chunk: int, exc: BaseException) -> None:
-        if chunk < self.first_bad:
-            self.first_bad, self.error = chunk, exc
 
 
 def _check_commit(commit: CommitRecord, spec: ModelSpec, mid: bytes, key: ChunkKey) -> None:

@@ -9,7 +9,7 @@ store.close()
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from kvstore._loop import LoopThread
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.keys import TokenInput
+from kvstore.loading import LayerStream
 from kvstore.opening import open as open_async
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
@@ -46,6 +47,23 @@ class SyncStore:
 
     def load_prefix(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> LoadResult:
         return self._loop.run(self._store.load_prefix(spec, tokens, device=device))
+
+    def load_prefix_layers(
+        self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Layers in order as each completes; requests stay in flight on the loop thread between steps.
+
+        Leaving the loop early (or closing the generator) cancels the outstanding requests.
+        """
+        stream = self._store.load_prefix_layers(spec, tokens, device=device)
+        return self._iterate(stream)
+
+    def _iterate(self, stream: LayerStream) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        try:
+            while (item := self._loop.run(_next(stream))) is not None:
+                yield item
+        finally:
+            self._loop.run(stream.aclose())
 
     def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
         return self._loop.run(self._store.lookup(spec, tokens))
@@ -105,6 +123,10 @@ def open(  # noqa: A001 - mirrors kvstore.open
         loop.stop()
         raise
     return SyncStore(store, loop)
+
+
+async def _next(stream: LayerStream) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    return await anext(stream, None)
 
 
 async def _await(opening: Awaitable[KVStore]) -> KVStore:
