@@ -37,13 +37,23 @@ async def test_gc_loop_beside_save_loops_loses_nothing(
         await store.save_prefix(retired_spec, bases[0], base_kv[0])
         await store.retire("tiny", "old")
     saved: list[tuple[int, int]] = []
+    # Run at least `seconds`, and on a slow machine until enough saves and GC runs happened.
     deadline = time.monotonic() + seconds
+    hard_deadline = deadline + 120
     gc_runs: list[Any] = []
+    writers_done = asyncio.Event()
+
+    def writing() -> bool:
+        now = time.monotonic()
+        return now < hard_deadline and (now < deadline or len(saved) <= 8)
+
+    def collecting() -> bool:
+        return time.monotonic() < hard_deadline and (not writers_done.is_set() or len(gc_runs) < 2)
 
     async def writer(seed: int) -> None:
         rng = random.Random(seed)
         async with kvstore.open(url, storage_options=opts) as store:
-            while time.monotonic() < deadline:
+            while writing():
                 b, n = rng.randrange(3), rng.randrange(1, 49)
                 await store.save_prefix(spec, bases[b][:n], [(k[:n], v[:n]) for k, v in base_kv[b]])
                 saved.append((b, n))  # only after the save returned
@@ -52,16 +62,20 @@ async def test_gc_loop_beside_save_loops_loses_nothing(
     async def crasher() -> None:  # leaves uncommitted chunks behind, for the GC to find
         rng = random.Random(99)
         mid = model_id(spec)
-        while time.monotonic() < deadline:
+        while not writers_done.is_set():
             await put_raw(url, opts, {chunk_prefix(mid, rng.randbytes(32)) + "c.0.0.0.0.0": b"orphan"})
             await asyncio.sleep(0.3)
 
     async def collector() -> None:
-        while time.monotonic() < deadline:
+        while collecting():
             gc_runs.append(await run_gc_at(url, opts, grace=GRACE, now=time.time()))
             await asyncio.sleep(0.05)
 
-    await asyncio.gather(writer(1), writer(2), writer(3), crasher(), collector())
+    async def writers() -> None:
+        await asyncio.gather(writer(1), writer(2), writer(3))
+        writers_done.set()
+
+    await asyncio.gather(writers(), crasher(), collector())
     print(f"{len(saved)} saves, {len(gc_runs)} GC runs")
     assert len(saved) > 8
     assert len(gc_runs) >= 2
