@@ -237,6 +237,6 @@ async def test_a_dead_endpoint_opens_the_circuit_and_then_fails_fast(
         t0 = time.monotonic()
         with pytest.raises(CircuitOpenError):
             await store.lookup(spec, list(range(16)))
-        assert time.monotonic() - t0 < 0.05
+        assert time.monotonic() - t0 < 0.5  # no network round trip, no timeout
         assert proxy.stats.requests == sent
         proxy.clear()
