@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from kvstore.errors import StoreUnavailableError
 from kvstore.formats.keys import ChunkKey
 from kvstore.formats.records import CommitRecord
 from kvstore.results import LayerKV, LoadResult
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from kvstore.store import KVStore
 
 __all__ = ["LayerStream", "LoadState"]
+
+logger = logging.getLogger("kvstore")
 
 
 class LayerStream:
@@ -105,7 +109,7 @@ class LayerStream:
         except StopAsyncIteration:
             raise
         except BaseException:
-            await self.aclose()
+            await self._abort()  # the buffers stay until aclose(): completed() may still read them
             raise
         n = self.num_tokens
         k, v = self._host[layer]
@@ -113,12 +117,48 @@ class LayerStream:
         self._yielded.append((k, v))
         return layer, k, v
 
-    async def collect(self) -> LoadResult:
-        """Consume the whole stream into a ``LoadResult`` (what ``load_prefix`` returns)."""
-        async with self:
-            async for _ in self:
-                pass
-        return self.result()
+    async def collect(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - returns what is complete at the deadline
+        fail_open: bool = False,
+    ) -> LoadResult:
+        """Consume the whole stream into a ``LoadResult`` (what ``load_prefix`` returns).
+
+        Past ``timeout`` seconds, or on a store failure with ``fail_open``, the
+        result is what is complete by then (``completed()``), possibly a miss.
+        """
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    async for _ in self:
+                        pass
+            except TimeoutError:
+                self._store._counters.loads_timed_out += 1
+                logger.warning("load of %s stopped at its %.3f s deadline", self._spec.label, timeout)
+                return self.completed()
+            except StoreUnavailableError as exc:
+                if not fail_open:
+                    raise
+                self._store._counters.read_errors += 1
+                logger.warning("load of %s failed open: %s", self._spec.label, exc)
+                return self.completed()
+            return self.result()
+        finally:
+            await self.aclose()
+
+    def completed(self) -> LoadResult:
+        """The leading chunks whose every layer is read and verified now, as a ``LoadResult``."""
+        state, spec = self._state, self._spec
+        m = 0
+        while m < min(state.cut, len(state.layers_left)) and state.layers_left[m] == 0:
+            m += 1
+        n = self._hits[m - 1][0].end if m and self._host else 0
+        if n == 0:
+            return LoadResult(0, empty_kv(spec, self._device), 0, state.damaged, state.bytes_read)
+        kv = tuple((k[:n].clone().to(self._device), v[:n].clone().to(self._device)) for k, v in self._host)
+        self._store._counters.chunks_loaded += m
+        return LoadResult(n, kv, m, state.damaged, state.bytes_read)
 
     def result(self) -> LoadResult:
         """The ``LoadResult`` of a stream consumed to its end."""
@@ -135,11 +175,15 @@ class LayerStream:
 
     async def aclose(self) -> None:
         """Cancel and await every outstanding request, and release the buffers. Idempotent."""
+        await self._abort()
+        self._host = []
+
+    async def _abort(self) -> None:
+        """Cancel and await every outstanding request; the buffers stay."""
         if self._closed:
             return
         self._closed = True
         await self._cancel_pending()
-        self._host = []
         if not self._finished:
             self._store._counters.bytes_read += self._state.bytes_read
 
@@ -168,7 +212,7 @@ class LayerStream:
         self._host = [
             (torch.empty(shape, dtype=spec.dtype), torch.empty(shape, dtype=spec.dtype)) for _ in range(spec.num_layers)
         ]
-        state.first_bad = len(hits)
+        state.first_bad = state.cut = len(hits)
         state.layers_left = [spec.num_layers] * len(hits)
         # Created layer-major, so the FIFO request limit serves every chunk of layer 0 before layer 1's.
         # The tasks hold the state, not the stream, so a dropped stream is collected (and cancels them).
@@ -223,10 +267,11 @@ async def _load_part(
 class LoadState:
     """Shared progress of one load: the first damaged chunk cuts off all later work."""
 
-    __slots__ = ("bytes_read", "chunks_done", "damaged", "error", "failure", "first_bad", "layers_left")
+    __slots__ = ("bytes_read", "chunks_done", "cut", "damaged", "error", "failure", "first_bad", "layers_left")
 
     def __init__(self) -> None:
         self.first_bad = 0
+        self.cut = 0  # the first damaged chunk (first_bad also drops to 0 when a request fails)
         self.bytes_read = 0
         self.damaged = 0
         self.error: BaseException | None = None
@@ -237,3 +282,4 @@ class LoadState:
     def fail(self, chunk: int, exc: BaseException) -> None:
         if chunk < self.first_bad:
             self.first_bad, self.error = chunk, exc
+        self.cut = min(self.cut, chunk)

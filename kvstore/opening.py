@@ -65,6 +65,7 @@ def open(  # noqa: A001 - the public name the API promises
     verify: bool = True,
     save_tail: bool = True,
     repair: bool = True,
+    fail_open: bool = True,
     create: bool = True,
     retry: RetryPolicy | None = DEFAULT_RETRY,
     namespace: str | None = None,
@@ -90,6 +91,7 @@ def open(  # noqa: A001 - the public name the API promises
         "verify": verify,
         "save_tail": save_tail,
         "repair": repair,
+        "fail_open": fail_open,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create, retry)

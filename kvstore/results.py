@@ -62,6 +62,19 @@ class StoreStats:
     requests_head: int
     requests_delete: int
     requests_list: int
+    read_errors: int = 0
+    """Loads and lookups that met a store failure and returned a shorter hit (fail open)."""
+    loads_timed_out: int = 0
+    """Loads that returned what was complete at their ``timeout``."""
+    retries: int = 0
+    """Requests sent again after a transient failure (see ``RetryPolicy``)."""
+    failures: int = 0
+    """Requests that failed after all their attempts."""
+    timeouts: int = 0
+    """Request attempts that hit the per-request timeout."""
+    fast_failures: int = 0
+    """Requests refused at once while the circuit was open."""
+    circuit_opened: int = 0
 
 
 @dataclass(frozen=True, slots=True)

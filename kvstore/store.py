@@ -49,7 +49,8 @@ from kvstore.registry import Registry, read_registry, retire_models
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
-from kvstore.tensors import byte_view, check_kv, host_kv
+from kvstore.storage.resilient import RetryStats
+from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 
@@ -74,6 +75,8 @@ class StoreOptions:
     save_tail: bool = True
     repair: bool = True
     """Delete the commit record of a chunk found damaged, so the next save rewrites it."""
+    fail_open: bool = True
+    """Loads and lookups turn a store failure into a (shorter) hit, logged and counted; saves always raise."""
     prefetch_budget: int = 1 << 30
     """Bytes of KV that unclaimed prefetches may hold; past it the oldest are dropped."""
 
@@ -113,6 +116,8 @@ class _Counters:
     requests_head: int = 0
     requests_delete: int = 0
     requests_list: int = 0
+    read_errors: int = 0
+    loads_timed_out: int = 0
 
 
 def _check_spec(spec: object) -> ModelSpec:
@@ -163,9 +168,11 @@ class KVStore:
         return self.options.chunk_tokens
 
     def stats(self) -> StoreStats:
-        """A snapshot of this store's counters."""
+        """A snapshot of this store's counters (with the retry layer's, when it has one)."""
         c = self._counters
-        return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)})
+        retry = getattr(self._backend, "stats", None)
+        extra = {f.name: getattr(retry, f.name) for f in fields(retry)} if isinstance(retry, RetryStats) else {}
+        return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)}, **extra)
 
     # ------------------------------------------------------------------ requests
 
@@ -208,7 +215,14 @@ class KVStore:
         async def probe(key: ChunkKey) -> bool | None:
             return True if await self._head(commit_path(chunk_prefix(mid, key.digest))) else None
 
-        hits = await self._find_chain(spec, mid, arr, probe)
+        try:
+            hits = await self._find_chain(spec, mid, arr, probe)
+        except StoreUnavailableError as exc:
+            if not self.options.fail_open:
+                raise
+            self._counters.read_errors += 1
+            logger.warning("lookup of %s failed open: %s", spec.label, exc)
+            return 0
         return hits[-1][0].end if hits else 0
 
     async def _find_chain(
@@ -355,25 +369,42 @@ class KVStore:
     # ------------------------------------------------------------------ load
 
     async def load_prefix(
-        self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
+        self,
+        spec: ModelSpec,
+        tokens: TokenInput,
+        *,
+        device: torch.device | str = "cpu",
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline that returns the partial hit
     ) -> LoadResult:
         """Load the KV of the longest cached prefix of ``tokens`` onto ``device``.
 
         Damaged chunks (bad checksum, size, structure or metadata) end the hit
         before them; they are counted, logged and never returned. A prefetch of
         the same tokens and device (``prefetch``) is joined instead of repeated.
+        After ``timeout`` seconds the call returns the chunks complete by then
+        (possibly a miss) instead of waiting; with ``fail_open`` (the default) a
+        store failure does the same, so a store that is down costs a miss.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise InvalidInputError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         self._check_open()
         spec = _check_spec(spec)
         dev = _device(device)
         arr = normalize_tokens(tokens)
         mid = model_id(spec)
+        deadline = None if timeout is None else time.monotonic() + timeout
         claimed = self._prefetches.claim(prefetch_key(mid, arr, dev))
         if claimed is not None:
-            result = await claimed.join()
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await claimed.join()
+            except TimeoutError:
+                self._counters.loads_timed_out += 1
+                return LoadResult(0, empty_kv(spec, dev), 0, 0, 0)
             if result is not None:
                 return result
-        return await LayerStream(self, spec, mid, arr, dev).collect()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return await LayerStream(self, spec, mid, arr, dev).collect(timeout=left, fail_open=self.options.fail_open)
 
     def load_prefix_layers(
         self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"

@@ -223,20 +223,55 @@ async def test_a_stalled_connection_costs_one_request_timeout(
 
 @pytest.mark.s3
 async def test_a_dead_endpoint_opens_the_circuit_and_then_fails_fast(
-    proxy: FaultProxy, s3_store_url: Any, make_spec: Callable[..., Any]
+    proxy: FaultProxy, s3_store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
 ) -> None:
     spec = make_spec()
+    tokens = list(range(16))
     policy = RetryPolicy(attempts=1, base_delay=0, request_timeout=2.0, breaker_threshold=3, breaker_cooldown=30.0)
     options = _through(proxy, s3_store_url)
     async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=policy) as store:
+        await store.save_prefix(spec, tokens, make_kv(spec, 16))
         proxy.inject("reset", 1000)
-        for _ in range(3):
-            with pytest.raises(StoreUnavailableError):
-                await store.lookup(spec, list(range(16)))
+        for _ in range(3):  # reads fail open: a miss, logged and counted
+            assert await store.lookup(spec, tokens) == 0
+            assert (await store.load_prefix(spec, tokens)).num_tokens == 0
+        stats = store.stats()
+        assert stats.circuit_opened == 1
+        assert stats.read_errors >= 3
         sent = proxy.stats.requests
         t0 = time.monotonic()
-        with pytest.raises(CircuitOpenError):
-            await store.lookup(spec, list(range(16)))
+        hit = await store.load_prefix(spec, tokens)
+        assert hit.num_tokens == 0
         assert time.monotonic() - t0 < 0.5  # no network round trip, no timeout
         assert proxy.stats.requests == sent
+        assert store.stats().fast_failures > stats.fast_failures
+        with pytest.raises(CircuitOpenError):  # saves fail closed
+            await store.save_prefix(spec, list(range(32)), make_kv(spec, 32))
         proxy.clear()
+
+
+@pytest.mark.s3
+async def test_a_load_deadline_returns_what_is_complete(
+    proxy: FaultProxy,
+    s3_store_url: Any,
+    make_spec: Callable[..., Any],
+    make_kv: Callable[..., Any],
+    assert_kv_equal: Callable[..., None],
+) -> None:
+    spec = make_spec()
+    tokens = list(range(64))
+    kv = make_kv(spec, 64)
+    policy = RetryPolicy(attempts=1, request_timeout=30.0, breaker_threshold=0)
+    options = _through(proxy, s3_store_url)
+    async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=policy) as store:
+        await store.save_prefix(spec, tokens, kv)
+        proxy.inject("stall", 1, match="c.1.0.0.0.0")  # one layer object of the first chunk never arrives
+        t0 = time.monotonic()
+        hit = await store.load_prefix(spec, tokens, timeout=0.5)
+        assert time.monotonic() - t0 < 3.0
+        assert store.stats().loads_timed_out == 1
+    # The chunk whose layer 1 stalled is incomplete: the hit stops before it, and what it holds is exact.
+    n = hit.num_tokens
+    assert n < 64
+    assert n % 16 == 0
+    assert_kv_equal(hit.kv, [(k[:n], v[:n]) for k, v in kv])
