@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,6 +50,43 @@ class ModelSpec:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
                 raise InvalidInputError(f"ModelSpec.{field} must be an int in [1, {limit}], got {value!r}")
         dtype_info(self.dtype)
+
+    @classmethod
+    def from_pretrained_config(
+        cls, config: Any, *, name: str, version: str, dtype: torch.dtype | None = None
+    ) -> ModelSpec:
+        """The spec of a transformers model from its config (no transformers import needed).
+
+        Reads the layer count, KV heads (``num_key_value_heads`` for GQA, else
+        ``num_attention_heads``), ``head_dim`` (else ``hidden_size // num_attention_heads``)
+        and the dtype (``dtype`` given, else the config's ``dtype`` / ``torch_dtype``).
+        Multimodal configs are read through their text config.
+        """
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+        def attr(*names: str) -> Any:
+            for n in names:
+                value = getattr(text, n, None)
+                if value is not None:
+                    return value
+            return None
+
+        num_layers = attr("num_hidden_layers", "n_layer", "num_layers")
+        num_heads = attr("num_attention_heads", "n_head")
+        num_kv_heads = attr("num_key_value_heads", "num_kv_heads") or num_heads
+        head_dim = attr("head_dim")
+        if head_dim is None and num_heads:
+            hidden = attr("hidden_size", "n_embd")
+            head_dim = hidden // num_heads if isinstance(hidden, int) else None
+        if dtype is None:
+            # transformers 5.x names it ``dtype`` (reading ``torch_dtype`` there warns); 4.x ``torch_dtype``.
+            found = getattr(text, "dtype", None) if hasattr(text, "dtype") else getattr(text, "torch_dtype", None)
+            dtype = getattr(torch, found) if isinstance(found, str) else found
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidInputError("the config names no torch dtype: pass dtype=")
+        return cls(
+            name=name, version=version, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype
+        )
 
     @property
     def dtype_name(self) -> str:

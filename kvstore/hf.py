@@ -1,0 +1,242 @@
+"""Hugging Face transformers integration: prefill only what the store does not already hold.
+
+    async with kvstore.open("s3://bucket/kv") as store:
+        spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="my-llama", version="v1")
+        out = await kvstore.hf.generate(store, spec, model, prompt_ids, max_new_tokens=32)
+
+The cycle for one prompt: look up its cached prefix, load it (never the last token,
+whose logits must be computed), prefill the remaining tokens, generate greedily and
+save the extended prefix. The model runs in a worker thread so the event loop stays
+free for the store's I/O. Needs the ``hf`` extra (transformers); ``import kvstore``
+does not import this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvstore.errors import InvalidInputError, StoreUnavailableError
+from kvstore.formats.hf import cache_from_kv, kv_from_cache
+from kvstore.formats.keys import TokenInput, normalize_tokens
+from kvstore.results import SaveResult
+from kvstore.spec import ModelSpec
+from kvstore.store import KVStore
+
+__all__ = [
+    "MIN_CACHED_TOKENS",
+    "GenerateResult",
+    "PrefillResult",
+    "generate",
+    "generate_batch",
+    "prefill",
+    "use_cache_for",
+]
+
+logger = logging.getLogger("kvstore.hf")
+
+MIN_CACHED_TOKENS = 64
+"""Below this many reusable tokens, recomputing may beat a store round trip.
+
+benchmarks/bench_ttft.py measured the break-even (317M-param Llama, bf16, 2 CPU cores) at
+under 8 tokens from a local directory and about 70 from s3:// on a loopback moto server;
+64 keeps short prompts off slow stores. Pass ``min_cached_tokens`` to tune it per deployment.
+"""
+
+
+def use_cache_for(num_tokens: int, min_cached_tokens: int = MIN_CACHED_TOKENS) -> bool:
+    """Whether a prompt of ``num_tokens`` is long enough for a cache lookup to pay off.
+
+    At most ``num_tokens - 1`` tokens can come from the cache (the last one is
+    computed for its logits), so that is what is compared with the threshold.
+    """
+    return num_tokens - 1 >= max(1, min_cached_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """A prompt's prefill: the model cache holding its KV and the next-token logits."""
+
+    cache: Any
+    """A transformers ``DynamicCache`` (batch 1) with the KV of every prompt token."""
+    logits: torch.Tensor
+    """Next-token logits after the prompt, ``[vocab]``."""
+    cached_tokens: int
+    """Prompt tokens loaded from the store."""
+    computed_tokens: int
+    """Prompt tokens the model prefilled."""
+    ttft_s: float
+    """Seconds from the call to the logits (lookup, load and prefill)."""
+    saved: SaveResult | None = None
+    cache_error: str | None = None
+    """Why the store was skipped (unavailable); the prompt was then computed in full."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    """One prompt's generation and how much of its prefill the store saved."""
+
+    tokens: list[int]
+    """The generated token ids (greedy)."""
+    first_logits: torch.Tensor
+    """Next-token logits after the prompt, ``[vocab]``."""
+    cached_tokens: int
+    computed_tokens: int
+    ttft_s: float
+    total_s: float
+    saved: SaveResult | None
+    """The save of the prompt plus generated tokens (None when saving was off or failed)."""
+    cache_error: str | None = None
+
+
+def _ids(tokens: TokenInput) -> torch.Tensor:
+    arr = normalize_tokens(tokens)
+    if len(arr) == 0:
+        raise InvalidInputError("cannot prefill an empty prompt")
+    return torch.from_numpy(arr.astype("int64"))
+
+
+def _device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else torch.device("cpu")
+
+
+def _forward_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The cache keyword of this transformers version (5.x: ``cache``; before: ``past_key_values``)."""
+    params = inspect.signature(model.forward).parameters
+    kw: dict[str, Any] = {"use_cache": True}
+    kw["cache" if "cache" in params else "past_key_values"] = cache
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1  # only the last position's logits are needed
+    return kw
+
+
+def _run(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One forward of ``ids`` (1-D) appending to ``cache`` in place; the last position's logits."""
+    with torch.inference_mode():
+        out = model(input_ids=ids.unsqueeze(0).to(_device(model)), **_forward_kwargs(model, cache))
+    logits: torch.Tensor = out.logits[0, -1]
+    return logits
+
+
+def _decode(model: Any, cache: Any, first: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Greedy tokens from the first logits on; the cache grows by ``max_new_tokens - 1``."""
+    tokens = [int(first.argmax())]
+    while len(tokens) < max_new_tokens:
+        tokens.append(int(_run(model, torch.tensor(tokens[-1:]), cache).argmax()))
+    return tokens
+
+
+def _empty_cache(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+async def prefill(
+    store: KVStore | None,
+    spec: ModelSpec,
+    model: Any,
+    tokens: TokenInput,
+    *,
+    save: bool = False,
+    min_cached_tokens: int = MIN_CACHED_TOKENS,
+) -> PrefillResult:
+    """Prefill ``tokens`` (one prompt), loading its longest cached prefix first.
+
+    At most ``len(tokens) - 1`` cached tokens are used; the rest run through ``model``.
+    ``store=None`` or a prompt too short for ``use_cache_for`` computes everything.
+    ``save`` writes the prompt's KV back (chunks already stored are skipped). A store
+    that is unavailable degrades to a full prefill, logged and reported in ``cache_error``.
+    """
+    t0 = time.perf_counter()
+    ids = _ids(tokens)
+    n = len(ids)
+    config = getattr(model, "config", None)
+    cached, cache, error = 0, None, None
+    if store is not None and use_cache_for(n, min_cached_tokens):
+        try:
+            # The whole prompt is asked for, so that a saved chunk ending exactly at the prompt's end
+            # still hits; the last token is then dropped (a view) because its logits must be computed.
+            hit = await store.load_prefix(spec, ids, device=_device(model))
+        except StoreUnavailableError as exc:
+            logger.warning("kvstore unavailable, prefilling %d tokens in full: %s", n, exc)
+            error = str(exc)
+        else:
+            cached = min(hit.num_tokens, n - 1)
+            if cached:
+                cache = cache_from_kv([(k[:cached], v[:cached]) for k, v in hit.kv], config=config)
+    if cache is None:
+        cache = _empty_cache(config)
+    logits = await asyncio.to_thread(_run, model, ids[cached:], cache)
+    ttft = time.perf_counter() - t0
+    saved = None
+    if save and store is not None and error is None:
+        saved, error = await _save(store, spec, ids, cache)
+    return PrefillResult(cache, logits, cached, n - cached, ttft, saved, error)
+
+
+async def _save(store: KVStore, spec: ModelSpec, ids: torch.Tensor, cache: Any) -> tuple[SaveResult | None, str | None]:
+    try:
+        return await store.save_prefix(spec, ids, kv_from_cache(cache, num_tokens=len(ids))), None
+    except StoreUnavailableError as exc:
+        logger.warning("kvstore unavailable, KV of %d tokens not saved: %s", len(ids), exc)
+        return None, str(exc)
+
+
+async def generate(
+    store: KVStore | None,
+    spec: ModelSpec,
+    model: Any,
+    tokens: TokenInput,
+    max_new_tokens: int = 32,
+    *,
+    save: bool = True,
+    min_cached_tokens: int = MIN_CACHED_TOKENS,
+) -> GenerateResult:
+    """Greedy generation for one prompt, reusing and extending the store's cached prefix.
+
+    With ``save``, the KV of the prompt plus all generated tokens but the last (whose
+    KV was never computed) is written back, so the next turn of a conversation that
+    repeats this one loads it.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    t0 = time.perf_counter()
+    ids = _ids(tokens)
+    pre = await prefill(store, spec, model, ids, min_cached_tokens=min_cached_tokens)
+    new = await asyncio.to_thread(_decode, model, pre.cache, pre.logits, max_new_tokens)
+    saved, error = None, pre.cache_error
+    if save and store is not None and error is None:
+        saved, error = await _save(store, spec, torch.cat([ids, torch.tensor(new[:-1], dtype=ids.dtype)]), pre.cache)
+    total = time.perf_counter() - t0
+    return GenerateResult(new, pre.logits, pre.cached_tokens, pre.computed_tokens, pre.ttft_s, total, saved, error)
+
+
+async def generate_batch(
+    store: KVStore | None,
+    spec: ModelSpec,
+    model: Any,
+    prompts: Sequence[TokenInput] | torch.Tensor,
+    max_new_tokens: int = 32,
+    *,
+    save: bool = True,
+    min_cached_tokens: int = MIN_CACHED_TOKENS,
+) -> list[GenerateResult]:
+    """``generate`` for each row of a batch: every row is its own prompt with its own cached prefix.
+
+    Rows run one after another (each has a different cached length); a 2-D tensor's
+    rows are taken as they are, without padding.
+    """
+    rows = list(prompts.unbind(0)) if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 else list(prompts)
+    return [
+        await generate(store, spec, model, row, max_new_tokens, save=save, min_cached_tokens=min_cached_tokens)
+        for row in rows
+    ]

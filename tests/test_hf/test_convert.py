@@ -1,0 +1,154 @@
+"""Layout conversion between transformers caches and kvstore (K, V), and specs from configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import kvstore
+from kvstore.formats.hf import cache_from_kv, cache_layers, kv_from_cache
+
+transformers = pytest.importorskip("transformers")
+
+import _models  # noqa: E402
+
+import kvstore.hf  # noqa: E402
+
+
+def _layers(batch: int = 2, heads: int = 2, seq: int = 5, dim: int = 4, n: int = 3) -> list[tuple[torch.Tensor, ...]]:
+    return [(torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)) for _ in range(n)]
+
+
+def test_kv_from_cache_is_a_view_of_one_row() -> None:
+    legacy = _layers()
+    cache = transformers.DynamicCache(ddp_cache_data=legacy)
+    for source in (
+        cache,
+        tuple(legacy),
+        SimpleNamespace(key_cache=[k for k, _ in legacy], value_cache=[v for _, v in legacy]),
+    ):
+        kv = kv_from_cache(source, row=1, num_tokens=4)
+        assert len(kv) == 3
+        for (k, v), (lk, lv) in zip(kv, cache_layers(source), strict=True):
+            assert k.shape == (4, 2, 4)
+            assert torch.equal(k, lk[1, :, :4].transpose(0, 1))
+            assert torch.equal(v, lv[1, :, :4].transpose(0, 1))
+            assert k.untyped_storage().data_ptr() == lk.untyped_storage().data_ptr()  # no copy
+
+
+def test_cache_from_kv_round_trips_without_copy() -> None:
+    kv = [(torch.randn(6, 2, 4), torch.randn(6, 2, 4)) for _ in range(3)]
+    for config in (None, _models.build("llama").config):
+        cache = cache_from_kv(kv, config=config)
+        assert cache.get_seq_length() == 6
+        back = kv_from_cache(cache)
+        for (k, v), (bk, bv) in zip(kv, back, strict=True):
+            assert torch.equal(k, bk)
+            assert torch.equal(v, bv)
+            assert bk.data_ptr() == k.data_ptr()
+
+
+def test_bad_caches_are_rejected() -> None:
+    with pytest.raises(kvstore.InvalidInputError):
+        kv_from_cache(object())
+    with pytest.raises(kvstore.InvalidInputError):
+        kv_from_cache([(torch.zeros(2, 3), torch.zeros(2, 3))])
+    with pytest.raises(kvstore.InvalidInputError):
+        kv_from_cache(_layers(), row=2)
+    with pytest.raises(kvstore.InvalidInputError):
+        kv_from_cache(_layers(), num_tokens=6)
+    with pytest.raises(kvstore.InvalidInputError):
+        cache_from_kv([(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))], config=_models.build("llama").config)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            transformers.LlamaConfig(num_hidden_layers=5, hidden_size=256, num_attention_heads=8, dtype="bfloat16"),
+            (5, 8, 32, torch.bfloat16),
+        ),
+        (
+            transformers.Qwen2Config(
+                num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, dtype=torch.float16
+            ),
+            (4, 2, 32, torch.float16),
+        ),
+        (
+            transformers.LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=48,
+                dtype="float32",
+            ),
+            (2, 1, 48, torch.float32),
+        ),
+    ],
+)
+def test_spec_from_pretrained_config(config: Any, expected: tuple[Any, ...]) -> None:
+    spec = kvstore.ModelSpec.from_pretrained_config(config, name="m", version="1")
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == expected
+
+
+def test_spec_dtype_given_or_missing() -> None:
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
+    config.dtype = None
+    with pytest.raises(kvstore.InvalidInputError, match="dtype"):
+        kvstore.ModelSpec.from_pretrained_config(config, name="m", version="1")
+    spec = kvstore.ModelSpec.from_pretrained_config(config, name="m", version="1", dtype=torch.bfloat16)
+    assert spec.dtype == torch.bfloat16
+
+
+def test_use_cache_for_threshold() -> None:
+    assert not kvstore.hf.use_cache_for(1, 0)  # the last token is always computed
+    assert kvstore.hf.use_cache_for(2, 0)
+    assert not kvstore.hf.use_cache_for(kvstore.hf.MIN_CACHED_TOKENS)
+    assert kvstore.hf.use_cache_for(kvstore.hf.MIN_CACHED_TOKENS + 1)
+
+
+async def test_batch_rows_are_separate_prompts() -> None:
+    model = _models.build("qwen2")
+    spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="q", version="1")
+    prompts = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    async with kvstore.open("memory://hf-batch", chunk_tokens=8) as store:
+        await kvstore.hf.prefill(store, spec, model, prompts[0], save=True, min_cached_tokens=0)
+        out = await kvstore.hf.generate_batch(store, spec, model, prompts, 3, min_cached_tokens=0)
+    assert [r.cached_tokens for r in out] == [19, 0]
+    for row, res in zip(prompts, out, strict=True):
+        ref = await kvstore.hf.generate(None, spec, model, row, 3)
+        assert res.tokens == ref.tokens
+
+
+async def test_unavailable_store_degrades_to_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
+    model = _models.build("llama")
+    spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="l", version="1")
+
+    class Down:
+        async def load_prefix(self, *args: Any, **kwargs: Any) -> Any:
+            raise kvstore.StoreUnavailableError("down")
+
+    out = await kvstore.hf.generate(Down(), spec, model, list(range(3, 23)), 2, min_cached_tokens=0)  # type: ignore[arg-type]
+    assert (out.cached_tokens, out.computed_tokens, out.saved, out.cache_error) == (0, 20, None, "down")
+    assert "unavailable" in caplog.text
+
+
+def test_formats_hf_does_not_import_transformers() -> None:
+    code = "import sys, kvstore.formats.hf, kvstore.spec; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_spec_from_a_plain_config_object() -> None:
+    # transformers 4.x style: torch_dtype, no head_dim, no num_key_value_heads, no get_text_config.
+    old = SimpleNamespace(num_hidden_layers=3, num_attention_heads=6, hidden_size=384, torch_dtype="float16")
+    spec = kvstore.ModelSpec.from_pretrained_config(old, name="m", version="1")
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (3, 6, 64, torch.float16)
+    with pytest.raises(kvstore.InvalidInputError):
+        kvstore.ModelSpec.from_pretrained_config(SimpleNamespace(dtype="float32"), name="m", version="1")
