@@ -34,9 +34,14 @@ def test_quickstart_reports_bit_exact_hit(tmp_path: Path) -> None:
     script = ROOT / "examples" / "quickstart.py"
     first = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True)
     second = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True)
-    assert "verified bit-exact: True" in first.stdout
-    assert "16 chunks written" in first.stdout
-    assert "0 chunks written, 16 already there" in second.stdout  # a new process hits the saved chunks
+    assert first.returncode == 0, first.stderr
+    assert "call 1   0 tokens from the cache, 4120 prefilled" in first.stdout
+    assert "17 chunks written, 0 already there" in first.stdout
+    assert "call 2   4096 tokens from the cache, 24 prefilled" in first.stdout
+    assert "equal a full recompute (max |diff| 0.0e+00): True" in first.stdout
+    # A new process hits what the first one saved.
+    assert "call 1   4119 tokens from the cache, 1 prefilled" in second.stdout
+    assert "0 chunks written, 17 already there" in second.stdout
 
 
 def _readme_python_blocks() -> list[str]:
