@@ -15,13 +15,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from kvstore._tasks import run_all
-from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError
-from kvstore.formats.layout import MODELS_DIR, retirement_record_path
-from kvstore.formats.records import ModelRecord, RetirementRecord
+from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError, StoreConfigError
+from kvstore.formats.layout import MODELS_DIR, ROOT_RECORD, retirement_record_path
+from kvstore.formats.records import ModelRecord, RetirementRecord, RootRecord
 from kvstore.results import ModelInfo
 from kvstore.storage import ObjectStore
 
-__all__ = ["Registry", "default_retired_by", "read_registry", "retire_models"]
+__all__ = ["Registry", "default_retired_by", "read_registry", "read_root_record", "retire_models"]
+
+
+async def read_root_record(backend: ObjectStore) -> RootRecord:
+    """The store's root record; StoreConfigError when there is no store at all."""
+    try:
+        return RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
+    except ObjectNotFoundError:
+        raise StoreConfigError(f"{backend.url}: no kvstore store here (no {ROOT_RECORD})") from None
+
 
 logger = logging.getLogger("kvstore")
 

@@ -31,14 +31,13 @@ from kvstore.errors import (
     IntegrityError,
     InvalidInputError,
     ObjectNotFoundError,
-    StoreConfigError,
 )
 from kvstore.formats.keys import key_root
-from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME, ROOT_RECORD, parse_tail_marker
-from kvstore.formats.records import CommitRecord, RootRecord
+from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME, parse_tail_marker
+from kvstore.formats.records import CommitRecord
 from kvstore.gc.bulk import BulkOps, open_bulk_ops
 from kvstore.gc.report import GCProgress, GCReport, ModelUsage
-from kvstore.registry import Registry, read_registry
+from kvstore.registry import Registry, read_registry, read_root_record
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
 
@@ -193,10 +192,7 @@ async def mark_and_sweep(
     t0 = time.time() if now is None else now
     report = GCReport(url=backend.url, dry_run=dry_run, grace=float(grace), cutoff=t0 - grace)
     prog: GCProgress = progress or _NullProgress()
-    try:
-        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
-    except ObjectNotFoundError:
-        raise StoreConfigError(f"{backend.url}: no kvstore store here (no {ROOT_RECORD})") from None
+    root = await read_root_record(backend)
     registry = await read_registry(backend)
     _seed_models(report, registry)
     live = {m.model_id.hex(): m for m in registry.models if not m.retired}

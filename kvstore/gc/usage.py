@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore._tasks import task_group
-from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreConfigError
+from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError
 from kvstore.formats.dtypes import dtype_info
-from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME, ROOT_RECORD
-from kvstore.formats.records import CommitRecord, RootRecord
+from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME
+from kvstore.formats.records import CommitRecord
 from kvstore.gc.marksweep import split_chunk_key
 from kvstore.gc.report import GCProgress
-from kvstore.registry import read_registry
+from kvstore.registry import read_registry, read_root_record
 from kvstore.results import ModelInfo
 from kvstore.storage import ObjectStore
 
@@ -117,10 +117,7 @@ async def scan_usage(
     model give the compression ratio and tokens per chunk.
     """
     started = time.monotonic()
-    try:
-        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
-    except ObjectNotFoundError:
-        raise StoreConfigError(f"{backend.url}: no kvstore store here (no {ROOT_RECORD})") from None
+    root = await read_root_record(backend)
     registry = await read_registry(backend)
     infos = {m.model_id.hex(): m for m in registry.models}
     report = UsageReport(backend.url, root.chunk_tokens)

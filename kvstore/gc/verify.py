@@ -16,21 +16,20 @@ from typing import Any
 import blake3
 
 from kvstore._tasks import task_group
-from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError, StoreConfigError
+from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.dtypes import dtype_info
 from kvstore.formats.layout import (
     COMMIT_NAME,
-    ROOT_RECORD,
     ZARR_JSON,
     layer_path,
     model_chunks_prefix,
     zarr_array_metadata,
 )
-from kvstore.formats.records import CommitRecord, RootRecord
+from kvstore.formats.records import CommitRecord
 from kvstore.gc.marksweep import split_chunk_key
 from kvstore.gc.report import GCProgress
-from kvstore.registry import read_registry
+from kvstore.registry import read_registry, read_root_record
 from kvstore.results import ModelInfo
 from kvstore.storage import ObjectStore
 
@@ -91,10 +90,7 @@ async def verify_store(
 ) -> VerifyReport:
     """Check every committed chunk of the given ``(name, version)`` models (default: all of them)."""
     started = time.monotonic()
-    try:
-        root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
-    except ObjectNotFoundError:
-        raise StoreConfigError(f"{backend.url}: no kvstore store here (no {ROOT_RECORD})") from None
+    root = await read_root_record(backend)
     registry = await read_registry(backend)
     chosen = list(registry.models)
     if models is not None:
