@@ -283,8 +283,9 @@ class KVStore:
         missing = keys[first_gap:]
         written = [(0, 0)]
         if missing:
-            host = await asyncio.to_thread(host_kv, kv)
-            written = await run_all(self._write_chunk(spec, mid, key, host) for key in missing)
+            base = missing[0].start  # copy only what is written, not the prefix already stored
+            host = await asyncio.to_thread(host_kv, kv, base)
+            written = await run_all(self._write_chunk(spec, mid, key, host, base) for key in missing)
         nbytes = sum(b for b, _ in written)
         nobjects = sum(n for _, n in written)
         c = self._counters
@@ -315,11 +316,13 @@ class KVStore:
             raise ModelRetiredError(f"model {spec.label} was retired in {self.url}; save under a new version")
         self._live_checked[mid] = now
 
-    async def _write_chunk(self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV]) -> tuple[int, int]:
+    async def _write_chunk(
+        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int
+    ) -> tuple[int, int]:
         """Write a chunk's layers and zarr metadata, then its commit record; return (bytes, objects)."""
         prefix = chunk_prefix(mid, key.digest)
         token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
-        lo, hi = key.start * token_bytes, key.end * token_bytes
+        lo, hi = (key.start - base) * token_bytes, (key.end - base) * token_bytes  # host starts at token `base`
         itemsize = dtype_info(spec.dtype).itemsize
 
         def parts(layer: int) -> list[memoryview]:

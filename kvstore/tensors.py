@@ -35,9 +35,9 @@ def check_kv(spec: ModelSpec, kv: Sequence[LayerKV], num_tokens: int) -> None:
                 raise InvalidInputError(f"kv[{layer}] {name} has dtype {t.dtype}, the spec says {spec.dtype}")
 
 
-def host_kv(kv: Sequence[LayerKV]) -> list[LayerKV]:
-    """Contiguous CPU versions of the layers (no copy when they already are)."""
-    return [(k.detach().to("cpu").contiguous(), v.detach().to("cpu").contiguous()) for k, v in kv]
+def host_kv(kv: Sequence[LayerKV], start: int = 0) -> list[LayerKV]:
+    """Contiguous CPU versions of the layers from token ``start`` on (no copy when they already are)."""
+    return [(k[start:].detach().to("cpu").contiguous(), v[start:].detach().to("cpu").contiguous()) for k, v in kv]
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
