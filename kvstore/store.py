@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 import blake3
 import numpy as np
@@ -51,6 +51,7 @@ from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.storage.resilient import RetryStats
 from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
+from kvstore.writeback import PendingMatch, SaveHandle, WriteBack
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 
@@ -77,6 +78,8 @@ class StoreOptions:
     """Delete the commit record of a chunk found damaged, so the next save rewrites it."""
     fail_open: bool = True
     """Loads and lookups turn a store failure into a (shorter) hit, logged and counted; saves always raise."""
+    writeback_budget: int = 1 << 30
+    """Bytes of KV that background saves (``save_prefix(wait=False)``) may hold; past it saves wait."""
     prefetch_budget: int = 1 << 30
     """Bytes of KV that unclaimed prefetches may hold; past it the oldest are dropped."""
 
@@ -88,12 +91,10 @@ class StoreOptions:
             or self.max_concurrency < 1
         ):
             raise InvalidInputError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
-        if (
-            isinstance(self.prefetch_budget, bool)
-            or not isinstance(self.prefetch_budget, int)
-            or self.prefetch_budget < 0
-        ):
-            raise InvalidInputError(f"prefetch_budget must be an int >= 0, got {self.prefetch_budget!r}")
+        for name in ("prefetch_budget", "writeback_budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
             raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
         if not 1 <= self.chunk_tokens <= 1 << 24:
@@ -157,6 +158,7 @@ class KVStore:
         self._known_models: set[bytes] = set()
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
+        self._writeback = WriteBack(options.writeback_budget)
         self._closed = False
 
     @property
@@ -215,6 +217,10 @@ class KVStore:
         async def probe(key: ChunkKey) -> bool | None:
             return True if await self._head(commit_path(chunk_prefix(mid, key.digest))) else None
 
+        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
+        held = pending.num_tokens if pending else 0
+        if held == len(arr):
+            return held
         try:
             hits = await self._find_chain(spec, mid, arr, probe)
         except StoreUnavailableError as exc:
@@ -222,8 +228,8 @@ class KVStore:
                 raise
             self._counters.read_errors += 1
             logger.warning("lookup of %s failed open: %s", spec.label, exc)
-            return 0
-        return hits[-1][0].end if hits else 0
+            return held
+        return max(held, hits[-1][0].end if hits else 0)
 
     async def _find_chain(
         self, spec: ModelSpec, mid: bytes, tokens: np.ndarray, probe: Callable[[ChunkKey], Awaitable[R | None]]
@@ -258,10 +264,27 @@ class KVStore:
 
     # ------------------------------------------------------------------ save
 
-    async def save_prefix(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> SaveResult:
+    @overload
+    async def save_prefix(
+        self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV], *, wait: Literal[True] = ...
+    ) -> SaveResult: ...
+
+    @overload
+    async def save_prefix(
+        self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV], *, wait: Literal[False]
+    ) -> SaveHandle: ...
+
+    async def save_prefix(
+        self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV], *, wait: bool = True
+    ) -> SaveResult | SaveHandle:
         """Save the KV of ``tokens``; chunks already stored are skipped (content addressing).
 
-        Input is checked completely before anything is written.
+        Input is checked completely before anything is written. With ``wait=False``
+        the call returns a ``SaveHandle`` as soon as the KV is copied off the caller's
+        tensors and uploads in the background (write-back): the prompt is visible to
+        this store's ``lookup`` / ``load_prefix`` at once, the queue is bounded by
+        ``writeback_budget`` bytes (a full queue makes this call wait), and upload
+        errors are raised by ``flush()`` / ``close()`` unless the handle is awaited.
         """
         self._check_open()
         spec = _check_spec(spec)
@@ -271,6 +294,26 @@ class KVStore:
         check_kv(spec, kv, len(arr))
         keys = self._keys(spec, arr, include_tail=self.options.save_tail)
         self._counters.saves += 1
+        if wait:
+            return await self._save(spec, keys, kv)
+        end = keys[-1].end if keys else 0
+
+        def copy() -> list[LayerKV]:  # private, so the caller may reuse its buffers at once
+            return [(k[:end].detach().to("cpu", copy=True), v[:end].detach().to("cpu", copy=True)) for k, v in kv]
+
+        return await self._writeback.submit(
+            model_id(spec),
+            arr[:end].copy(),
+            copy,
+            spec.bytes_per_token * end,
+            lambda host: self._save(spec, keys, host),
+        )
+
+    async def flush(self) -> None:
+        """Wait for every background save; raise WriteBackError if any failed (and was not awaited)."""
+        await self._writeback.flush()
+
+    async def _save(self, spec: ModelSpec, keys: list[ChunkKey], kv: Sequence[LayerKV]) -> SaveResult:
         if not keys:
             return SaveResult(0, 0, 0, 0, 0)
         mid = model_id(spec)
@@ -395,6 +438,23 @@ class KVStore:
         dev = _device(device)
         arr = normalize_tokens(tokens)
         mid = model_id(spec)
+        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
+        if pending is not None and pending.num_tokens == len(arr):
+            self._counters.loads += 1
+            return _pending_result(spec, pending, dev)
+        result = await self._load(spec, mid, arr, dev, timeout)
+        if pending is not None and pending.num_tokens > result.num_tokens:
+            return _pending_result(spec, pending, dev)
+        return result
+
+    async def _load(
+        self,
+        spec: ModelSpec,
+        mid: bytes,
+        arr: np.ndarray,
+        dev: torch.device,
+        timeout: float | None,  # noqa: ASYNC109 - a deadline that returns the partial hit
+    ) -> LoadResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         claimed = self._prefetches.claim(prefetch_key(mid, arr, dev))
         if claimed is not None:
@@ -554,13 +614,19 @@ class KVStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
-        """Cancel outstanding prefetches and release the backend's connections. Idempotent."""
+        """Finish background saves, cancel prefetches, release the backend. Idempotent.
+
+        Raises WriteBackError (after closing) when a background save failed.
+        """
         if not self._closed:
-            self._closed = True
             try:
-                await self._prefetches.close()
+                await self._writeback.flush()
             finally:
-                await self._backend.close()
+                self._closed = True
+                try:
+                    await self._prefetches.close()
+                finally:
+                    await self._backend.close()
 
     async def __aenter__(self) -> KVStore:
         return self
@@ -577,6 +643,13 @@ def _check_commit(commit: CommitRecord, spec: ModelSpec, mid: bytes, key: ChunkK
     if len(commit.layer_sizes) != spec.num_layers:
         raise IntegrityError(f"commit record lists {len(commit.layer_sizes)} layers, the model has {spec.num_layers}")
     get_codec(commit.codec, stored=True)
+
+
+def _pending_result(spec: ModelSpec, pending: PendingMatch, dev: torch.device) -> LoadResult:
+    """A hit served from a background save's host copy (the upload has not finished yet)."""
+    n = pending.num_tokens
+    kv = tuple((k[:n].to(dev, copy=True), v[:n].to(dev, copy=True)) for k, v in pending.host)
+    return LoadResult(n, kv, 0, 0, 0)
 
 
 def _check_size(size: int, expected: int) -> None:

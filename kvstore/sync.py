@@ -45,8 +45,22 @@ class SyncStore:
     def save_prefix(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> SaveResult:
         return self._loop.run(self._store.save_prefix(spec, tokens, kv))
 
-    def load_prefix(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> LoadResult:
-        return self._loop.run(self._store.load_prefix(spec, tokens, device=device))
+    def save_prefix_background(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> None:
+        """``save_prefix(..., wait=False)``: returns once the KV is copied; errors come from ``flush()``."""
+        self._loop.run(self._store.save_prefix(spec, tokens, kv, wait=False))
+
+    def flush(self) -> None:
+        self._loop.run(self._store.flush())
+
+    def load_prefix(
+        self,
+        spec: ModelSpec,
+        tokens: TokenInput,
+        *,
+        device: torch.device | str = "cpu",
+        timeout: float | None = None,
+    ) -> LoadResult:
+        return self._loop.run(self._store.load_prefix(spec, tokens, device=device, timeout=timeout))
 
     def load_prefix_layers(
         self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
