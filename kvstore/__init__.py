@@ -21,6 +21,7 @@ from kvstore.errors import (
     StoreConfigError,
     StorePermissionError,
     StoreUnavailableError,
+    WriteBackError,
 )
 from kvstore.formats import FORMAT_VERSION
 from kvstore.opening import open
@@ -54,6 +55,7 @@ __all__ = [
     "StoreStats",
     "StoreUnavailableError",
     "SyncStore",
+    "WriteBackError",
     "__version__",
     "open",
     "sync",

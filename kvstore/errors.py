@@ -7,6 +7,7 @@
     ├── IntegrityError           stored data is damaged: checksum, size, structure or metadata
     ├── ObjectNotFoundError      the storage boundary found no object at a key (also a KeyError)
     ├── ModelRetiredError        a save under a model version that was retired (``store.retire``)
+    ├── WriteBackError           background saves (``save_prefix(wait=False)``) failed; from flush()/close()
     └── StoreUnavailableError    the backend cannot be reached or refused the request
         ├── StorePermissionError the backend denied access to a key
         └── CircuitOpenError     skipped at once: the backend failed repeatedly and is cooling down
@@ -28,6 +29,7 @@ __all__ = [
     "StoreConfigError",
     "StorePermissionError",
     "StoreUnavailableError",
+    "WriteBackError",
 ]
 
 
@@ -72,3 +74,11 @@ class StorePermissionError(StoreUnavailableError):
 
 class CircuitOpenError(StoreUnavailableError):
     """Not sent: the backend failed repeatedly and is skipped until its cool-down ends."""
+
+
+class WriteBackError(KVStoreError):
+    """Background saves failed; ``errors`` holds each failure (the first is also the cause)."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        super().__init__(f"{len(errors)} background save(s) failed; the first: {errors[0]!r}")
+        self.errors = errors

@@ -18,20 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.errors import KVStoreError
+from kvstore.errors import WriteBackError
 from kvstore.results import LayerKV, SaveResult
 
-__all__ = ["PendingMatch", "SaveHandle", "WriteBack", "WriteBackError"]
+__all__ = ["PendingMatch", "SaveHandle", "WriteBack"]
 
 logger = logging.getLogger("kvstore")
-
-
-class WriteBackError(KVStoreError):
-    """Background saves failed; ``errors`` holds each failure (the first is also the cause)."""
-
-    def __init__(self, errors: list[BaseException]) -> None:
-        super().__init__(f"{len(errors)} background save(s) failed; the first: {errors[0]!r}")
-        self.errors = errors
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ EXPECTED = {
     "StoreStats",
     "StoreUnavailableError",
     "SyncStore",
+    "WriteBackError",
     "__version__",
     "open",
     "sync",
@@ -48,7 +49,7 @@ def test_no_gc_at_top_level() -> None:
 
 def test_every_error_is_a_kvstore_error() -> None:
     errors = [getattr(kvstore, n) for n in kvstore.__all__ if n.endswith("Error")]
-    assert len(errors) == 10
+    assert len(errors) == 11
     for err in errors:
         assert issubclass(err, kvstore.KVStoreError)
     assert issubclass(kvstore.InvalidInputError, ValueError)

@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 import kvstore
-from kvstore.errors import StoreUnavailableError
+from kvstore.errors import StoreUnavailableError, WriteBackError
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.store import KVStore, StoreOptions
-from kvstore.writeback import WriteBackError
 
 
 class GatedPuts(ObjectStore):
