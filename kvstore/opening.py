@@ -13,6 +13,7 @@ from kvstore.formats.layout import ROOT_RECORD
 from kvstore.formats.records import RootRecord
 from kvstore.storage import ObjectStore, open_object_store
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
+from kvstore.storage.tiers import TieredObjectStore
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 
 __all__ = ["DEFAULT_RETRY", "NAMESPACES_DIR", "namespace_url", "open"]
@@ -33,16 +34,20 @@ class _Opening:
         overrides: dict[str, Any],
         create: bool,
         retry: RetryPolicy | None,
+        tiers: tuple[int, str | os.PathLike[str] | None],
     ):
         self._url = url
         self._storage_options = storage_options
         self._overrides = overrides
         self._create = create
         self._retry = retry
+        self._tiers = tiers
         self._store: KVStore | None = None
 
     def __await__(self) -> Generator[Any, None, KVStore]:
-        return _open_store(self._url, self._storage_options, self._overrides, self._create, self._retry).__await__()
+        return _open_store(
+            self._url, self._storage_options, self._overrides, self._create, self._retry, self._tiers
+        ).__await__()
 
     async def __aenter__(self) -> KVStore:
         self._store = await self
@@ -69,6 +74,8 @@ def open(  # noqa: A001 - the public name the API promises
     create: bool = True,
     retry: RetryPolicy | None = DEFAULT_RETRY,
     namespace: str | None = None,
+    memory_cache_bytes: int = 0,
+    cache_url: str | os.PathLike[str] | None = None,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
@@ -80,8 +87,15 @@ def open(  # noqa: A001 - the public name the API promises
     ``namespace`` opens the tenant store ``<url>/namespaces/<namespace>``: a
     key prefix of its own (for bucket policies and lifecycle rules) whose
     chunks are never shared with, or visible from, another namespace.
+    ``memory_cache_bytes`` puts a host-memory LRU of that many bytes of objects in
+    front of the store, and ``cache_url`` a local-disk tier (e.g. an NVMe
+    directory in front of ``s3://``); reads fill them, writes go through to the
+    store first, and ``stats()`` counts hits per tier.
     """
+    if isinstance(memory_cache_bytes, bool) or not isinstance(memory_cache_bytes, int) or memory_cache_bytes < 0:
+        raise InvalidInputError(f"memory_cache_bytes must be an int >= 0, got {memory_cache_bytes!r}")
     url = namespace_url(url, namespace)
+    tiers = (memory_cache_bytes, None if cache_url is None else namespace_url(cache_url, namespace))
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidInputError(f"retry must be a kvstore.RetryPolicy or None, got {type(retry).__name__}")
     overrides: dict[str, Any] = {
@@ -94,7 +108,7 @@ def open(  # noqa: A001 - the public name the API promises
         "fail_open": fail_open,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
-    return _Opening(url, storage_options, overrides, create, retry)
+    return _Opening(url, storage_options, overrides, create, retry, tiers)
 
 
 def namespace_url(url: str | os.PathLike[str], namespace: str | None) -> str | os.PathLike[str]:
@@ -121,10 +135,15 @@ async def _open_store(
     overrides: dict[str, Any],
     create: bool,
     retry: RetryPolicy | None,
+    tiers: tuple[int, str | os.PathLike[str] | None] = (0, None),
 ) -> KVStore:
     backend = await open_object_store(url, storage_options)
     if retry is not None:
         backend = ResilientObjectStore(backend, retry)
+    memory_budget, cache_url = tiers
+    if memory_budget or cache_url is not None:
+        disk = None if cache_url is None else await open_object_store(cache_url)
+        backend = TieredObjectStore(backend, memory_budget=memory_budget, disk=disk)
     try:
         root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
     except BaseException:

@@ -75,6 +75,24 @@ class StoreStats:
     fast_failures: int = 0
     """Requests refused at once while the circuit was open."""
     circuit_opened: int = 0
+    memory_hits: int = 0
+    """Object reads served by the host-memory tier (``memory_cache_bytes``)."""
+    memory_bytes: int = 0
+    disk_hits: int = 0
+    """Object reads served by the local-disk tier (``cache_url``)."""
+    disk_bytes: int = 0
+    disk_seconds: float = 0.0
+    source_reads: int = 0
+    """Object reads that reached the source of truth behind the cache tiers (0 without tiers)."""
+    source_bytes: int = 0
+    source_seconds: float = 0.0
+    memory_evictions: int = 0
+
+    @property
+    def tier_hit_rate(self) -> float:
+        """Share of object reads served by a cache tier (0 without tiers)."""
+        total = self.memory_hits + self.disk_hits + self.source_reads
+        return (self.memory_hits + self.disk_hits) / total if total else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import blake3
 import numpy as np
@@ -50,6 +50,7 @@ from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreSta
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.storage.resilient import RetryStats
+from kvstore.storage.tiers import TierStats
 from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
 from kvstore.writeback import PendingMatch, SaveHandle, WriteBack
 
@@ -170,10 +171,15 @@ class KVStore:
         return self.options.chunk_tokens
 
     def stats(self) -> StoreStats:
-        """A snapshot of this store's counters (with the retry layer's, when it has one)."""
+        """A snapshot of this store's counters, with those of its retry and cache-tier layers."""
         c = self._counters
-        retry = getattr(self._backend, "stats", None)
-        extra = {f.name: getattr(retry, f.name) for f in fields(retry)} if isinstance(retry, RetryStats) else {}
+        extra: dict[str, Any] = {}
+        layer: object = self._backend
+        while layer is not None:  # the wrappers opening.py stacked: tiers over retries over the backend
+            for counters in (getattr(layer, "stats", None), getattr(layer, "tier_stats", None)):
+                if isinstance(counters, (RetryStats, TierStats)):
+                    extra.update({f.name: getattr(counters, f.name) for f in fields(counters)})
+            layer = getattr(layer, "source", None) or getattr(layer, "inner", None)
         return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)}, **extra)
 
     # ------------------------------------------------------------------ requests
