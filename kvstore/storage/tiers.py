@@ -10,11 +10,10 @@ is caught like damage at the source.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.errors import KVStoreError, ObjectNotFoundError
@@ -36,12 +35,6 @@ class TierStats:
     source_bytes: int = 0
     source_seconds: float = 0.0
     memory_evictions: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of reads served by a cache tier."""
-        total = self.memory_hits + self.disk_hits + self.source_reads
-        return (self.memory_hits + self.disk_hits) / total if total else 0.0
 
 
 class _MemoryLRU:
@@ -80,6 +73,7 @@ class TieredObjectStore(ObjectStore):
     """``source`` behind a host-memory LRU of ``memory_budget`` bytes and an optional ``disk`` store."""
 
     reads_into_buffers = True
+    """Loads use ``get_into`` (the base copy from a cached object, checksummed in the worker thread)."""
 
     def __init__(self, source: ObjectStore, *, memory_budget: int = 0, disk: ObjectStore | None = None) -> None:
         self.source = source
@@ -112,23 +106,6 @@ class TieredObjectStore(ObjectStore):
         if self.disk is not None:
             await self._fill_disk(key, data)
         return data
-
-    async def get_into(
-        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
-    ) -> int:
-        data = memoryview(await self.get(key))
-
-        def fill() -> None:
-            if len(data) == sum(len(b) for b in buffers):
-                offset = 0
-                for buf in buffers:
-                    buf[:] = data[offset : offset + len(buf)]
-                    offset += len(buf)
-            if then is not None:
-                then(len(data))
-
-        await asyncio.to_thread(fill)
-        return len(data)
 
     def _remember(self, key: str, data: bytes) -> None:
         if self._memory is not None:
