@@ -94,9 +94,14 @@ class ModelSpec:
         return dtype_info(self.dtype).name
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one layer: the stride of the token axis."""
+        return self.num_kv_heads * self.head_dim * dtype_info(self.dtype).itemsize
+
+    @property
     def bytes_per_token(self) -> int:
         """KV bytes one token occupies across all layers (K and V)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_info(self.dtype).itemsize
+        return 2 * self.num_layers * self.row_bytes
 
     @property
     def label(self) -> str:

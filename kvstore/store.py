@@ -305,7 +305,7 @@ class KVStore:
         end = keys[-1].end if keys else 0
 
         def copy() -> list[LayerKV]:  # private, so the caller may reuse its buffers at once
-            return [(k[:end].detach().to("cpu", copy=True), v[:end].detach().to("cpu", copy=True)) for k, v in kv]
+            return host_kv(kv, 0, end, copy=True)
 
         return await self._writeback.submit(
             model_id(spec),
@@ -370,7 +370,7 @@ class KVStore:
     ) -> tuple[int, int]:
         """Write a chunk's layers and zarr metadata, then its commit record; return (bytes, objects)."""
         prefix = chunk_prefix(mid, key.digest)
-        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+        token_bytes = spec.row_bytes
         lo, hi = (key.start - base) * token_bytes, (key.end - base) * token_bytes  # host starts at token `base`
         itemsize = dtype_info(spec.dtype).itemsize
 
@@ -504,8 +504,7 @@ class KVStore:
         dev = _device(device)
         arr = normalize_tokens(tokens)
         mid = model_id(spec)
-        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
-        bound = 2 * spec.num_layers * len(arr) * token_bytes  # the hit is never longer than the tokens
+        bound = spec.bytes_per_token * len(arr)  # the hit is never longer than the tokens
         return self._prefetches.start(
             prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self, spec, mid, arr, dev)
         )
@@ -538,7 +537,7 @@ class KVStore:
         state: LoadState,
     ) -> None:
         key, commit = hits[j]
-        token_bytes = spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+        token_bytes = spec.row_bytes
         kb = byte_view(dest[0])[key.start * token_bytes : key.end * token_bytes]
         vb = byte_view(dest[1])[key.start * token_bytes : key.end * token_bytes]
         path = layer_path(chunk_prefix(mid, key.digest), layer)

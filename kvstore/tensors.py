@@ -35,9 +35,16 @@ def check_kv(spec: ModelSpec, kv: Sequence[LayerKV], num_tokens: int) -> None:
                 raise InvalidInputError(f"kv[{layer}] {name} has dtype {t.dtype}, the spec says {spec.dtype}")
 
 
-def host_kv(kv: Sequence[LayerKV], start: int = 0) -> list[LayerKV]:
-    """Contiguous CPU versions of the layers from token ``start`` on (no copy when they already are)."""
-    return [(k[start:].detach().to("cpu").contiguous(), v[start:].detach().to("cpu").contiguous()) for k, v in kv]
+def host_kv(kv: Sequence[LayerKV], start: int = 0, stop: int | None = None, *, copy: bool = False) -> list[LayerKV]:
+    """Contiguous CPU tokens ``[start:stop]`` of every layer: views where they already are, unless ``copy``."""
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        part = t[start:stop].detach()
+        if copy:  # one copy, contiguous, whatever the source's device and strides
+            return part.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        return part.to("cpu").contiguous()
+
+    return [(host(k), host(v)) for k, v in kv]
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:

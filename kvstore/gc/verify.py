@@ -18,7 +18,6 @@ import blake3
 from kvstore._tasks import task_group
 from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError
 from kvstore.formats.codecs import get_codec
-from kvstore.formats.dtypes import dtype_info
 from kvstore.formats.layout import (
     COMMIT_NAME,
     ZARR_JSON,
@@ -175,7 +174,7 @@ async def _check_chunk(
         return "zarr.json is not valid JSON"
     if meta != json.loads(zarr_array_metadata(spec, rec.num_tokens, rec.codec)):
         return "zarr.json does not match the model and commit record"
-    raw_size = 2 * rec.num_tokens * spec.num_kv_heads * spec.head_dim * dtype_info(spec.dtype).itemsize
+    raw_size = 2 * rec.num_tokens * spec.row_bytes
     for layer, (size, digest) in enumerate(zip(rec.layer_sizes, rec.layer_digests, strict=True)):
         try:
             data = await backend.get(layer_path(prefix, layer))
