@@ -66,6 +66,8 @@ class StoreStats:
     """Loads and lookups that met a store failure and returned a shorter hit (fail open)."""
     loads_timed_out: int = 0
     """Loads that returned what was complete at their ``timeout``."""
+    reads_shared: int = 0
+    """Layer objects a load got from another load's read in flight instead of its own GET."""
     retries: int = 0
     """Requests sent again after a transient failure (see ``RetryPolicy``)."""
     failures: int = 0

@@ -27,6 +27,7 @@ from kvstore.errors import (
     ObjectNotFoundError,
     StoreUnavailableError,
 )
+from kvstore.fetching import SharedReads
 from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
 from kvstore.formats.dtypes import dtype_info
 from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, next_key, normalize_tokens
@@ -120,6 +121,7 @@ class _Counters:
     requests_list: int = 0
     read_errors: int = 0
     loads_timed_out: int = 0
+    reads_shared: int = 0
 
 
 def _check_spec(spec: object) -> ModelSpec:
@@ -160,6 +162,7 @@ class KVStore:
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
         self._writeback = WriteBack(options.writeback_budget)
+        self._shared_reads = SharedReads()
         self._closed = False
 
     @property
@@ -545,12 +548,45 @@ class KVStore:
         digest = commit.layer_digests[layer] if self.options.verify else None
         if j >= state.first_bad:
             return
+        waiter = self._shared_reads.follow(path, (kb, vb))
+        if waiter is not None and await waiter:  # another load's read in flight filled our buffers
+            return
+        # Owner of the read, or a follower whose owner failed: read it here (unshared, so no second wait).
+        owner, delivered = waiter is None, False
+        try:
+            size = await self._read_layer(path, commit.codec, expected_size, digest, (kb, vb), state, j)
+            if size is None:
+                return
+            state.bytes_read += size
+            if owner:
+                self._counters.reads_shared += self._shared_reads.deliver(path, (kb, vb))
+                delivered = True
+        finally:
+            if owner and not delivered:
+                self._shared_reads.abandon(path)
+
+    async def _read_layer(
+        self,
+        path: str,
+        codec_name: str,
+        expected_size: int,
+        digest: bytes | None,
+        dest: tuple[np.ndarray, np.ndarray],
+        state: LoadState,
+        j: int,
+    ) -> int | None:
+        """Read, verify and decode chunk ``j``'s layer object into ``dest``: its stored size.
+
+        None when nothing was read: the hit already ends before chunk ``j``, or the
+        object is damaged (recorded in ``state``, which ends the hit). Other failures raise.
+        """
+        kb, vb = dest
         async with self._limit:
             if j >= state.first_bad:
-                return
+                return None
             self._counters.requests_get += 1
             try:
-                if commit.codec == "none" and self._backend.reads_into_buffers:
+                if codec_name == "none" and self._backend.reads_into_buffers:
                     buffers = [kb.data, vb.data]
 
                     def check(size: int) -> None:  # in the reading thread, while the bytes are cache-hot
@@ -558,17 +594,15 @@ class KVStore:
                         if digest is not None:
                             _verify(buffers, digest)
 
-                    size = await self._backend.get_into(path, buffers, then=check)
-                else:
-                    data = await self._backend.get(path)
-                    _check_size(len(data), expected_size)
-                    codec = get_codec(commit.codec, stored=True)
-                    await asyncio.to_thread(_decode_into, codec, data, kb, vb, digest)
-                    size = len(data)
+                    return await self._backend.get_into(path, buffers, then=check)
+                data = await self._backend.get(path)
+                _check_size(len(data), expected_size)
+                codec = get_codec(codec_name, stored=True)
+                await asyncio.to_thread(_decode_into, codec, data, kb, vb, digest)
+                return len(data)
             except (IntegrityError, ObjectNotFoundError) as exc:
                 state.fail(j, exc)
-                return
-        state.bytes_read += size
+                return None
 
     async def _report_damage(
         self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None, state: LoadState
