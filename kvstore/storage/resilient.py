@@ -209,13 +209,23 @@ class ResilientObjectStore(ObjectStore):
                         self.breaker.success(probe)
                     yield meta
             except StoreUnavailableError as exc:
+                if not _transient(exc):
+                    self.breaker.success(probe)  # a definite refusal: the store is up (as in _request)
+                    raise
                 self.breaker.failure(probe)
-                if started or not _transient(exc) or n + 1 == policy.attempts or self.breaker.is_open:
+                if started or n + 1 == policy.attempts or self.breaker.is_open:
                     self.stats.failures += 1
                     raise
                 self.stats.retries += 1
                 await asyncio.sleep(policy.backoff(n))
                 continue
+            except KVStoreError:
+                self.breaker.success(probe)  # damaged or missing data: a definite answer
+                raise
+            except BaseException:
+                if probe and not started:
+                    self.breaker.failure(probe)  # cancelled probe: let another one through later
+                raise
             if not started:
                 self.breaker.success(probe)
             return

@@ -147,6 +147,39 @@ async def test_circuit_opens_fails_fast_then_probes_and_closes(flaky: Flaky) -> 
     assert await store.get("a") == b"1"
 
 
+@pytest.mark.parametrize("error", [ObjectNotFoundError("gone"), StorePermissionError("denied")])
+async def test_refused_listings_never_open_the_circuit(flaky: Flaky, error: Exception) -> None:
+    """A listing refused outright (another tenant's prefix) proves the store is up, as for any other request."""
+    clock = FakeClock()
+    store = ResilientObjectStore(flaky, RetryPolicy(attempts=3, breaker_threshold=2), clock=clock)
+    await store.put("a", b"1")
+    flaky.failures, flaky.error = 10, error
+    for _ in range(5):
+        with pytest.raises(type(error)):
+            _ = [m async for m in store.list("d/")]
+    assert flaky.calls == 1 + 5  # the put, then each listing once: never retried
+    assert not store.breaker.is_open
+    assert (store.stats.retries, store.stats.failures, store.stats.fast_failures) == (0, 0, 0)
+    flaky.failures = 0
+    assert await store.get("a") == b"1"
+
+
+async def test_a_refused_probe_listing_closes_the_circuit(flaky: Flaky) -> None:
+    clock = FakeClock()
+    store = ResilientObjectStore(flaky, RetryPolicy(attempts=1, breaker_threshold=1, breaker_cooldown=1.0), clock=clock)
+    flaky.failures = 1
+    with pytest.raises(StoreUnavailableError):
+        await store.get("a")
+    assert store.breaker.is_open
+    clock.now = 2.0  # the probe is a listing, refused: a definite answer
+    flaky.failures, flaky.error = 1, StorePermissionError("denied")
+    with pytest.raises(StorePermissionError):
+        _ = [m async for m in store.list("d/")]
+    assert not store.breaker.is_open
+    with pytest.raises(ObjectNotFoundError):
+        await store.get("a")
+
+
 def test_policy_rejects_bad_values() -> None:
     for bad in ({"attempts": 0}, {"attempts": True}, {"base_delay": -1}, {"request_timeout": 0}):
         with pytest.raises(kvstore.InvalidInputError):
