@@ -8,6 +8,7 @@ crash or a huge allocation.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +67,8 @@ def _get_number(obj: dict[str, Any], name: str, kind: str) -> float:
     value = obj.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise IntegrityError(f"{kind} record field {name!r} is missing or not a number")
+    if not math.isfinite(value):  # timestamps: NaN would never compare with a GC cut-off
+        raise IntegrityError(f"{kind} record field {name!r} is not finite")
     return float(value)
 
 
