@@ -8,14 +8,14 @@ layers are in flight" is a fact the test observes, not a race it hopes to win.
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from _damage_helpers import chunks_of, flip, layer_path, raw_store
+from _gates import GATE_TIMEOUT, make_gated, only_this_task, wait_held  # noqa: F401 - test_shared_reads still imports them from here
 
 import kvstore
 from kvstore.errors import StoreUnavailableError
@@ -25,71 +25,6 @@ CT = 16
 N_CHUNKS = 4
 Spec = kvstore.ModelSpec
 KV = list[tuple[torch.Tensor, torch.Tensor]]
-TIMEOUT = 10  # seconds; only a hang reaches it
-
-_LAYER = re.compile(r"/c\.(\d+)\.0\.0\.0\.0$")
-
-
-def layer_of(key: str) -> int | None:
-    m = _LAYER.search(key)
-    return int(m.group(1)) if m else None
-
-
-def make_gated(base: type) -> type:
-    """A subclass of the conftest counting store whose layer GETs wait on per-layer gates."""
-
-    class Gated(base):  # type: ignore[misc, valid-type]
-        def __init__(self, inner: ObjectStore, gated: Sequence[int] = ()) -> None:
-            super().__init__(inner)
-            self.gates = {layer: asyncio.Event() for layer in gated}
-            self.order: list[int] = []  # layer of every layer GET, in the order issued
-            self.fail_layer: int | None = None
-            self.held = 0  # GETs waiting at a gate now
-            self.changed = asyncio.Event()  # set whenever a GET arrives at a gate
-
-        async def _gate(self, key: str) -> None:
-            layer = layer_of(key)
-            if layer is None:
-                return
-            self.order.append(layer)
-            gate = self.gates.get(layer)
-            if gate is not None:
-                self.held += 1
-                self.changed.set()
-                try:
-                    await gate.wait()
-                finally:
-                    self.held -= 1
-            if layer == self.fail_layer:
-                raise StoreUnavailableError(f"injected failure reading {key}")
-
-        async def get(self, key: str) -> bytes:
-            await self._gate(key)
-            return await super().get(key)  # type: ignore[no-any-return]
-
-        async def get_into(self, key: str, buffers: Any, *, then: Any = None) -> int:
-            await self._gate(key)
-            return await super().get_into(key, buffers, then=then)  # type: ignore[no-any-return]
-
-        def open_all(self) -> None:
-            for gate in self.gates.values():
-                gate.set()
-
-    return Gated
-
-
-async def wait_held(backend: Any, n: int = 1) -> None:
-    """Wait until ``n`` GETs wait at the gates of a gated store."""
-    async with asyncio.timeout(TIMEOUT):
-        while backend.held < n:
-            backend.changed.clear()
-            await backend.changed.wait()
-
-
-@pytest.fixture
-def gated_store(counting_store: type) -> type:
-    """``gated_store(inner, gated=(layers...))``: GETs of those layers wait for ``.gates[layer].set()``."""
-    return make_gated(counting_store)
 
 
 def _spec(make_spec: Callable[..., Spec], num_layers: int = 4) -> Spec:
@@ -109,10 +44,6 @@ async def _saved(store_url: tuple[str, Any], spec: Spec, kv: KV, tokens: list[in
 async def _store(store_url: tuple[str, Any], wrap: Callable[[ObjectStore], ObjectStore], **options: Any) -> Any:
     backend = wrap(await open_object_store(*store_url))
     return kvstore.KVStore(backend, kvstore.StoreOptions(chunk_tokens=CT, **options))
-
-
-def _only_this_task() -> bool:
-    return asyncio.all_tasks() == {asyncio.current_task()}
 
 
 # ---------------------------------------------------------------------- order and bits
@@ -162,7 +93,7 @@ async def test_miss_yields_nothing(store_url: tuple[str, Any], make_spec: Callab
         stream = store.load_prefix_layers(_spec(make_spec), _tokens())
         assert [item async for item in stream] == []
         assert stream.num_tokens == 0
-        assert _only_this_task()
+        assert only_this_task()
 
 
 async def test_bad_input_fails_at_the_call(store_url: tuple[str, Any], make_spec: Callable[..., Spec]) -> None:
@@ -199,7 +130,7 @@ async def test_first_layer_arrives_while_later_layers_are_in_flight(
     store = await _store(store_url, wrap)
     try:
         async with store.load_prefix_layers(spec, tokens) as layers:
-            async with asyncio.timeout(TIMEOUT):  # would hang if layer 0 waited for the later layers
+            async with asyncio.timeout(GATE_TIMEOUT):  # would hang if layer 0 waited for the later layers
                 layer, k, v = await anext(layers)
             assert layer == 0
             assert_kv_equal([(k, v)], kv[:1])
@@ -250,9 +181,9 @@ async def test_leaving_early_cancels_outstanding_requests(
         async with store.load_prefix_layers(spec, tokens) as layers:
             async for layer, _, _ in layers:
                 assert layer == 0
-                assert not _only_this_task()  # later layers are in flight ...
+                assert not only_this_task()  # later layers are in flight ...
                 break
-        assert _only_this_task()  # ... and cancelled and awaited on leaving the block
+        assert only_this_task()  # ... and cancelled and awaited on leaving the block
         assert backend.held == 0
         assert await anext(layers, None) is None  # a closed stream stays ended
         assert store.stats().bytes_read == layers.bytes_read > 0
@@ -272,10 +203,10 @@ async def test_abandoned_stream_is_cancelled_when_collected(
             assert layer == 0
             break
         for _ in range(100):  # the stream was dropped: its requests were cancelled, they unwind in a few steps
-            if _only_this_task():
+            if only_this_task():
                 break
             await asyncio.sleep(0)
-        assert _only_this_task()
+        assert only_this_task()
     finally:
         await store.close()
 
@@ -305,14 +236,14 @@ async def test_cancelling_the_consumer_cancels_everything(
 
     try:
         task = asyncio.create_task(consume())
-        async with asyncio.timeout(TIMEOUT):
+        async with asyncio.timeout(GATE_TIMEOUT):
             await second.wait()
         assert backend.held > 0  # layer 2's GETs wait at their gate
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert seen == [0, 1]
-        assert _only_this_task()
+        assert only_this_task()
         assert backend.held == 0
     finally:
         await store.close()
@@ -339,7 +270,7 @@ async def test_store_failure_mid_stream_is_raised_and_cleans_up(
         backend.open_all()
         with pytest.raises(StoreUnavailableError, match="injected"):
             await anext(layers)
-        assert _only_this_task()
+        assert only_this_task()
         assert await anext(layers, None) is None
         backend.fail_layer = None
         assert (await store.load_prefix(spec, tokens)).num_tokens == len(tokens)  # nothing is poisoned
@@ -395,7 +326,7 @@ async def test_damage_found_mid_stream_shrinks_num_tokens(
         assert_kv_equal([(k[:cut], v[:cut]) for k, v in got], [(k[:cut], v[:cut]) for k, v in kv][: len(got)])
         assert store.stats().chunks_damaged == 1
         assert store.stats().chunks_loaded == bad_chunk
-        assert _only_this_task()
+        assert only_this_task()
         # The damaged chunk's commit record was retired (repair), so the next load stops before it at once.
         hit = await store.load_prefix(spec, tokens)
         assert hit.num_tokens == cut

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_layers import make_gated, wait_held
+from _gates import only_this_task, wait_held
 
 import kvstore
 from kvstore.errors import StoreUnavailableError
@@ -25,11 +25,6 @@ Spec = kvstore.ModelSpec
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 N_TOKENS = 3 * CT + 4  # three full chunks and a tail
 GETS = 4 + 4 * 2  # one load: 4 commit records, then 4 chunks x 2 layers
-
-
-@pytest.fixture
-def gated_store(counting_store: type) -> type:
-    return make_gated(counting_store)
 
 
 def _spec(make_spec: Callable[..., Spec]) -> Spec:
@@ -59,10 +54,6 @@ async def _open(store_url: tuple[str, Any], backend_type: type, gated: tuple[int
 
 def _gets(backend: Any) -> int:
     return int(backend.calls["get"] + backend.calls["get_into"])
-
-
-def _only_this_task() -> bool:
-    return asyncio.all_tasks() == {asyncio.current_task()}
 
 
 async def test_load_claims_a_finished_prefetch_without_requests(
@@ -119,7 +110,7 @@ async def test_load_joins_a_prefetch_in_flight(
         assert hit is await handle
         assert (handle.chunks_done, handle.bytes_done) == (4, hit.bytes_read)
         assert_kv_equal(hit.kv, kv)
-        assert _only_this_task()
+        assert only_this_task()
     finally:
         await store.close()
 
@@ -144,7 +135,7 @@ async def test_cancel_frees_and_leaves_no_task(
         with pytest.raises(asyncio.CancelledError):
             await handle
         assert handle.cancelled()
-        assert _only_this_task()
+        assert only_this_task()
         assert backend.held == 0
         backend.open_all()
         backend.reset()
@@ -206,7 +197,7 @@ async def test_budget_drops_the_oldest_unclaimed(
             assert _gets(backend) == gets
             backend.reset()
         assert store._prefetches.used == 0
-        assert _only_this_task()
+        assert only_this_task()
     finally:
         await store.close()
 
@@ -291,7 +282,7 @@ async def test_cancelling_a_joining_load_cancels_the_claimed_prefetch(
         with pytest.raises(asyncio.CancelledError):
             await loading
         assert handle.cancelled()
-        assert _only_this_task()
+        assert only_this_task()
     finally:
         await store.close()
 
@@ -307,7 +298,7 @@ async def test_close_cancels_prefetches(
     await asyncio.sleep(0)
     await store.close()
     assert all(h.cancelled() for h in handles)
-    assert _only_this_task()
+    assert only_this_task()
     with pytest.raises(kvstore.StoreUnavailableError):
         store.prefetch(spec, prompts[0][0])
 
