@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from _damage_helpers import chunks_of, flip, layer_path, raw_store
-from _gates import GATE_TIMEOUT, make_gated, only_this_task, wait_held  # noqa: F401 - test_shared_reads still imports them from here
+from _gates import GATE_TIMEOUT, only_this_task
 
 import kvstore
 from kvstore.errors import StoreUnavailableError

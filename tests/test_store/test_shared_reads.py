@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_layers import make_gated, wait_held
+from _gates import make_gated, wait_held
 
 import kvstore
 from kvstore.fetching import SharedReads
