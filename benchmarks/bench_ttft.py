@@ -1,12 +1,17 @@
 """Time-to-first-token of a transformers model: full prefill vs a kvstore cache hit.
 
-    python benchmarks/bench_ttft.py                      # 1K, 2K, 4K, 8K tokens; memory, local, s3 (moto)
+    python benchmarks/bench_ttft.py                      # 1K to 16K tokens; memory, local, s3 (moto)
     python benchmarks/bench_ttft.py --quick              # a small model and short prompts: checks it works
-    python benchmarks/bench_ttft.py --lengths 1024,16384 --backends local --out ttft-out
+    python benchmarks/bench_ttft.py --preset small-317m --lengths 8192 --backends local --out ttft-out
 
-The model is Llama-shaped with random weights (nothing is downloaded); default 16
-layers, hidden 1024, 8 query heads and 4 KV heads of dim 128, bf16: 32 KiB of KV per
-token. For each context length one prompt is prefilled in full (the "no cache" TTFT,
+The model has random weights (nothing is downloaded). The default shape is Llama
+3.2 1B's, a small production model: 16 layers, hidden 2048, 32 query and 8 KV
+heads of dim 64, bf16, 32 KiB of KV per token, 1.24B parameters. ``--preset
+small-317m`` keeps the KV per token and cuts the compute per token to a third,
+which shows how the saving shrinks with the model (the one-token step and the KV
+bytes stay, the prefill avoided gets cheaper).
+
+For each context length one prompt is prefilled in full (the "no cache" TTFT,
 which also yields the KV), saved to each store, then served from it: lookup + load of
 all but the last token + a one-token forward (``kvstore.hf.prefill``). s3:// runs
 against a moto server on 127.0.0.1 (port 0), so it measures the protocol and the
@@ -50,6 +55,19 @@ from kvstore.formats.hf import cache_from_kv, kv_from_cache
 
 MODES = ("no cache", "memory", "local", "s3")
 
+PRESETS: dict[str, dict[str, int]] = {
+    # The shape of Llama 3.2 1B (a small production model): 16 layers, hidden 2048, GQA 32/8 heads of 64,
+    # 32 KiB of bf16 KV per token; 1.24B parameters with its 128K-token vocabulary.
+    "llama-3.2-1b": dict(
+        layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256, tied=1
+    ),
+    # A smaller model with the same KV per token: a third of the compute per token, so a hit saves less.
+    "small-317m": dict(
+        layers=16, hidden=1024, intermediate=4096, heads=8, kv_heads=4, head_dim=128, vocab=32000, tied=0
+    ),
+    "tiny": dict(layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64, vocab=1000, tied=0),
+}
+
 
 def build_model(args: argparse.Namespace) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,10 +75,11 @@ def build_model(args: argparse.Namespace) -> Any:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab,
+        tie_word_embeddings=bool(args.tied),
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // args.head_dim,
+        num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim,
         max_position_embeddings=max(args.lengths) + 16,
@@ -212,7 +231,8 @@ async def run(args: argparse.Namespace) -> None:
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="bench-llama", version="random-seed-0")
     params = sum(p.numel() for p in model.parameters()) / 1e6
     title = (
-        f"TTFT, {params:.0f}M-param Llama ({args.layers} layers, hidden {args.hidden}, {args.kv_heads} KV heads x "
+        f"TTFT, {params:.0f}M-param Llama ({args.layers} layers, hidden {args.hidden}, {args.heads} query and "
+        f"{args.kv_heads} KV heads x "
         f"{args.head_dim}, {args.dtype}, {spec.bytes_per_token // 1024} KiB KV/token),\n"
         f"{os.cpu_count()} CPUs, torch {torch.__version__}"
     )
@@ -275,15 +295,17 @@ def _maybe_moto(wanted: bool) -> Iterator[tuple[str, dict[str, Any]] | None]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096, 8192])
+    p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--short-lengths", type=ints, default=[8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--backends", type=lambda s: s.split(","), default=["memory", "local", "s3"])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="llama-3.2-1b",
+        help="model shape; --layers, --hidden, ... override single values",
+    )
+    for name in ("layers", "hidden", "intermediate", "heads", "kv-heads", "head-dim", "vocab", "tied"):
+        p.add_argument(f"--{name}", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=3, help="repetitions of each cache hit (median)")
     p.add_argument("--prefill-reps", type=int, default=1, help="repetitions of each full prefill (slow)")
@@ -292,9 +314,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model and lengths: checks that it works")
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.short_lengths = [128, 256, 512], [8, 32]
-        args.layers, args.hidden, args.intermediate, args.vocab, args.head_dim = 2, 256, 512, 1000, 64
-        args.kv_heads = 2
+        args.preset, args.lengths, args.short_lengths = "tiny", [128, 256, 512], [8, 32]
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
