@@ -24,12 +24,15 @@ from kvstore.errors import (
     WriteBackError,
 )
 from kvstore.formats import FORMAT_VERSION
+from kvstore.loading import LayerStream
 from kvstore.opening import open
+from kvstore.prefetch import PrefetchHandle
 from kvstore.results import LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage.resilient import RetryPolicy
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 from kvstore.sync import SyncStore
+from kvstore.writeback import SaveHandle
 
 __version__ = "0.1.0"
 
@@ -42,12 +45,15 @@ __all__ = [
     "InvalidInputError",
     "KVStore",
     "KVStoreError",
+    "LayerStream",
     "LoadResult",
     "ModelInfo",
     "ModelRetiredError",
     "ModelSpec",
     "ObjectNotFoundError",
+    "PrefetchHandle",
     "RetryPolicy",
+    "SaveHandle",
     "SaveResult",
     "StoreConfigError",
     "StoreOptions",

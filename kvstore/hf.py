@@ -29,6 +29,7 @@ from kvstore.formats.keys import TokenInput, normalize_tokens
 from kvstore.results import SaveResult
 from kvstore.spec import ModelSpec
 from kvstore.store import KVStore
+from kvstore.writeback import SaveHandle
 
 __all__ = [
     "MIN_CACHED_TOKENS",
@@ -74,7 +75,8 @@ class PrefillResult:
     """Prompt tokens the model prefilled."""
     ttft_s: float
     """Seconds from the call to the logits (lookup, load and prefill)."""
-    saved: SaveResult | None = None
+    saved: SaveResult | SaveHandle | None = None
+    """The save of the prompt (a ``SaveHandle`` with ``write_back``; None when off or failed)."""
     cache_error: str | None = None
     """Why the store was skipped (unavailable); the prompt was then computed in full."""
 
@@ -91,8 +93,8 @@ class GenerateResult:
     computed_tokens: int
     ttft_s: float
     total_s: float
-    saved: SaveResult | None
-    """The save of the prompt plus generated tokens (None when saving was off or failed)."""
+    saved: SaveResult | SaveHandle | None
+    """The save of the prompt plus generated tokens (a ``SaveHandle`` with ``write_back``; None when off or failed)."""
     cache_error: str | None = None
 
 
@@ -147,13 +149,16 @@ async def prefill(
     tokens: TokenInput,
     *,
     save: bool = False,
+    write_back: bool = False,
     min_cached_tokens: int = MIN_CACHED_TOKENS,
 ) -> PrefillResult:
     """Prefill ``tokens`` (one prompt), loading its longest cached prefix first.
 
     At most ``len(tokens) - 1`` cached tokens are used; the rest run through ``model``.
     ``store=None`` or a prompt too short for ``use_cache_for`` computes everything.
-    ``save`` writes the prompt's KV back (chunks already stored are skipped). A store
+    ``save`` writes the prompt's KV back (chunks already stored are skipped); with
+    ``write_back`` the upload runs in the background (``save_prefix(wait=False)``) and
+    ``saved`` is its ``SaveHandle``: errors then come from it or ``store.flush()``. A store
     that is unavailable degrades to a full prefill, logged and reported in ``cache_error``.
     """
     t0 = time.perf_counter()
@@ -179,13 +184,18 @@ async def prefill(
     ttft = time.perf_counter() - t0
     saved = None
     if save and store is not None and error is None:
-        saved, error = await _save(store, spec, ids, cache)
+        saved, error = await _save(store, spec, ids, cache, write_back)
     return PrefillResult(cache, logits, cached, n - cached, ttft, saved, error)
 
 
-async def _save(store: KVStore, spec: ModelSpec, ids: torch.Tensor, cache: Any) -> tuple[SaveResult | None, str | None]:
+async def _save(
+    store: KVStore, spec: ModelSpec, ids: torch.Tensor, cache: Any, write_back: bool
+) -> tuple[SaveResult | SaveHandle | None, str | None]:
+    kv = kv_from_cache(cache, num_tokens=len(ids))
     try:
-        return await store.save_prefix(spec, ids, kv_from_cache(cache, num_tokens=len(ids))), None
+        if write_back:  # returns once the KV is copied: the caller's decoding may go on at once
+            return await store.save_prefix(spec, ids, kv, wait=False), None
+        return await store.save_prefix(spec, ids, kv), None
     except StoreUnavailableError as exc:
         logger.warning("kvstore unavailable, KV of %d tokens not saved: %s", len(ids), exc)
         return None, str(exc)
@@ -199,13 +209,14 @@ async def generate(
     max_new_tokens: int = 32,
     *,
     save: bool = True,
+    write_back: bool = False,
     min_cached_tokens: int = MIN_CACHED_TOKENS,
 ) -> GenerateResult:
     """Greedy generation for one prompt, reusing and extending the store's cached prefix.
 
     With ``save``, the KV of the prompt plus all generated tokens but the last (whose
     KV was never computed) is written back, so the next turn of a conversation that
-    repeats this one loads it.
+    repeats this one loads it. ``write_back`` uploads it in the background (see ``prefill``).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -215,7 +226,8 @@ async def generate(
     new = await asyncio.to_thread(_decode, model, pre.cache, pre.logits, max_new_tokens)
     saved, error = None, pre.cache_error
     if save and store is not None and error is None:
-        saved, error = await _save(store, spec, torch.cat([ids, torch.tensor(new[:-1], dtype=ids.dtype)]), pre.cache)
+        full = torch.cat([ids, torch.tensor(new[:-1], dtype=ids.dtype)])
+        saved, error = await _save(store, spec, full, pre.cache, write_back)
     total = time.perf_counter() - t0
     return GenerateResult(new, pre.logits, pre.cached_tokens, pre.computed_tokens, pre.ttft_s, total, saved, error)
 
@@ -228,6 +240,7 @@ async def generate_batch(
     max_new_tokens: int = 32,
     *,
     save: bool = True,
+    write_back: bool = False,
     min_cached_tokens: int = MIN_CACHED_TOKENS,
 ) -> list[GenerateResult]:
     """``generate`` for each row of a batch: every row is its own prompt with its own cached prefix.
@@ -237,6 +250,15 @@ async def generate_batch(
     """
     rows = list(prompts.unbind(0)) if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 else list(prompts)
     return [
-        await generate(store, spec, model, row, max_new_tokens, save=save, min_cached_tokens=min_cached_tokens)
+        await generate(
+            store,
+            spec,
+            model,
+            row,
+            max_new_tokens,
+            save=save,
+            write_back=write_back,
+            min_cached_tokens=min_cached_tokens,
+        )
         for row in rows
     ]

@@ -10,6 +10,7 @@ import kvstore
 EXPECTED = {
     "CircuitOpenError",
     "RetryPolicy",
+    "SaveHandle",
     "DEFAULT_CHUNK_TOKENS",
     "FORMAT_VERSION",
     "FormatVersionError",
@@ -17,11 +18,13 @@ EXPECTED = {
     "InvalidInputError",
     "KVStore",
     "KVStoreError",
+    "LayerStream",
     "LoadResult",
     "ModelInfo",
     "ModelRetiredError",
     "ModelSpec",
     "ObjectNotFoundError",
+    "PrefetchHandle",
     "SaveResult",
     "StoreConfigError",
     "StoreOptions",
@@ -65,3 +68,21 @@ def test_import_kvstore_leaves_optional_parts_unimported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_cpu_saves_and_loads_never_import_cupy(tmp_path: object) -> None:
+    # cupy is imported only when a CUDA device is staged, never by kvstore.gpu itself or a CPU round trip.
+    code = (
+        "import asyncio, sys, torch, kvstore, kvstore.gpu\n"
+        "spec = kvstore.ModelSpec('m', 'v1', 2, 2, 4, torch.float16)\n"
+        "kv = [(torch.zeros(8, 2, 4, dtype=torch.float16),) * 2 for _ in range(2)]\n"
+        "async def main():\n"
+        f"    async with kvstore.open({str(tmp_path)!r}) as store:\n"
+        "        await store.save_prefix(spec, list(range(8)), kv)\n"
+        "        await (await store.save_prefix(spec, list(range(9, 17)), kv, wait=False))\n"
+        "        assert (await store.load_prefix(spec, list(range(8)))).num_tokens == 8\n"
+        "asyncio.run(main())\n"
+        "print('cupy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

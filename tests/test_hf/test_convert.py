@@ -126,6 +126,24 @@ async def test_batch_rows_are_separate_prompts() -> None:
         assert res.tokens == ref.tokens
 
 
+async def test_write_back_saves_in_the_background_and_the_next_turn_hits() -> None:
+    model = _models.build("llama")
+    spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="wb", version="1")
+    prompt = list(range(3, 43))
+    async with kvstore.open("memory://hf-write-back", chunk_tokens=8) as store:
+        first = await kvstore.hf.generate(store, spec, model, prompt, 4, write_back=True, min_cached_tokens=0)
+        assert isinstance(first.saved, kvstore.SaveHandle)
+        # read-your-writes: the next turn hits whether or not the upload has finished
+        turn2 = [*prompt, *first.tokens, 7, 8, 9]
+        second = await kvstore.hf.generate(store, spec, model, turn2, 2, save=False, min_cached_tokens=0)
+        assert second.cached_tokens == len(prompt) + 3  # the prompt and the generated tokens whose KV exists
+        saved = await first.saved
+        assert saved.num_tokens == len(prompt) + 3
+        await store.flush()
+    ref = await kvstore.hf.generate(None, spec, model, turn2, 2)
+    assert second.tokens == ref.tokens
+
+
 async def test_unavailable_store_degrades_to_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
     model = _models.build("llama")
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="l", version="1")
