@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py kvstore-demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check kvstore tests examples benchmarks
-	$(PY) -m ruff format --check kvstore tests examples benchmarks
+	$(PY) -m ruff check kvstore tests examples benchmarks fuzz
+	$(PY) -m ruff format --check kvstore tests examples benchmarks fuzz
 	$(PY) -m mypy
 
 # pytest exits 5 when it collects no test: that fails here like any other error.
