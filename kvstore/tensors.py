@@ -11,7 +11,7 @@ from kvstore.errors import InvalidInputError
 from kvstore.results import LayerKV
 from kvstore.spec import ModelSpec
 
-__all__ = ["byte_view", "check_kv", "empty_kv", "host_kv"]
+__all__ = ["byte_view", "check_kv", "empty_kv", "host_copy", "host_kv"]
 
 
 def check_kv(spec: ModelSpec, kv: Sequence[LayerKV], num_tokens: int) -> None:
@@ -37,14 +37,15 @@ def check_kv(spec: ModelSpec, kv: Sequence[LayerKV], num_tokens: int) -> None:
 
 def host_kv(kv: Sequence[LayerKV], start: int = 0, stop: int | None = None, *, copy: bool = False) -> list[LayerKV]:
     """Contiguous CPU tokens ``[start:stop]`` of every layer: views where they already are, unless ``copy``."""
+    return [(host_copy(k[start:stop], copy=copy), host_copy(v[start:stop], copy=copy)) for k, v in kv]
 
-    def host(t: torch.Tensor) -> torch.Tensor:
-        part = t[start:stop].detach()
-        if copy:  # one copy, contiguous, whatever the source's device and strides
-            return part.to("cpu", copy=True, memory_format=torch.contiguous_format)
-        return part.to("cpu").contiguous()
 
-    return [(host(k), host(v)) for k, v in kv]
+def host_copy(t: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
+    """``t`` contiguous on the CPU: itself where it already is, unless ``copy``."""
+    t = t.detach()
+    if copy:  # one copy, contiguous, whatever the source's device and strides
+        return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+    return t.to("cpu").contiguous()
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
