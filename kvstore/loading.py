@@ -47,6 +47,13 @@ class LayerStream:
     Leaving the loop early: ``aclose()`` (or ``async with``) cancels and awaits
     every outstanding request; a stream abandoned without it is cancelled when it
     is garbage-collected. Cancelling the consumer during ``__anext__`` cancels all.
+
+    Host buffers come from the store's staging for ``device``: pinned and pooled
+    for CUDA, where each complete layer is copied to the device on the copy
+    stream (see ``kvstore.gpu``). They go back to the pool when the stream ends,
+    once the copies are done; after a cancellation (a read may still be writing
+    into them from a worker thread) their bytes go back to the budget but the
+    memory itself is never reused.
     """
 
     def __init__(self, store: KVStore, spec: ModelSpec, mid: bytes, tokens: np.ndarray, device: torch.device) -> None:
@@ -55,6 +62,8 @@ class LayerStream:
         self._mid = mid
         self._tokens = tokens
         self._device = device
+        self._transfers = store._stagings.for_device(device).transfers()
+        self._interrupted = False  # requests were cancelled in flight: the host buffers must not be reused
         self._state = LoadState()
         self._hits: list[tuple[ChunkKey, CommitRecord]] = []
         self._host: list[LayerKV] = []
@@ -113,7 +122,7 @@ class LayerStream:
             raise
         n = self.num_tokens
         k, v = self._host[layer]
-        k, v = (k[:n], v[:n]) if self._device.type == "cpu" else (k[:n].to(self._device), v[:n].to(self._device))
+        k, v = self._transfers.to_device([k[:n], v[:n]])
         self._yielded.append((k, v))
         return layer, k, v
 
@@ -156,7 +165,8 @@ class LayerStream:
         n = self._hits[m - 1][0].end if m and self._host else 0
         if n == 0:
             return LoadResult(0, empty_kv(spec, self._device), 0, state.damaged, state.bytes_read)
-        kv = tuple((k[:n].clone().to(self._device), v[:n].clone().to(self._device)) for k, v in self._host)
+        copies = [self._transfers.to_device([k[:n], v[:n]], copy=True) for k, v in self._host]
+        kv = tuple((k, v) for k, v in copies)
         self._store._counters.chunks_loaded += m
         return LoadResult(n, kv, m, state.damaged, state.bytes_read)
 
@@ -177,6 +187,7 @@ class LayerStream:
         """Cancel and await every outstanding request, and release the buffers. Idempotent."""
         await self._abort()
         self._host = []
+        await self._transfers.aclose(reuse=not self._interrupted)
 
     async def _abort(self) -> None:
         """Cancel and await every outstanding request; the buffers stay."""
@@ -192,9 +203,13 @@ class LayerStream:
         for t in pending:
             t.cancel()
         if pending:
+            self._interrupted = True
             await asyncio.wait(pending)
 
     def __del__(self) -> None:
+        transfers = getattr(self, "_transfers", None)
+        if transfers is not None:
+            transfers.abandon()
         for tasks in self._tasks:
             for t in tasks:
                 if not t.done():
@@ -209,9 +224,8 @@ class LayerStream:
         self._hits = hits
         self.num_tokens = hits[-1][0].end
         shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
-        self._host = [
-            (torch.empty(shape, dtype=spec.dtype), torch.empty(shape, dtype=spec.dtype)) for _ in range(spec.num_layers)
-        ]
+        host = self._transfers.host_empty
+        self._host = [(host(shape, spec.dtype), host(shape, spec.dtype)) for _ in range(spec.num_layers)]
         state.first_bad = state.cut = len(hits)
         state.layers_left = [spec.num_layers] * len(hits)
         # Created layer-major, so the FIFO request limit serves every chunk of layer 0 before layer 1's.
@@ -233,6 +247,7 @@ class LayerStream:
         await self._cancel_pending()  # only skipped requests are left, if any
         self._finished = self._closed = True
         self._host = []
+        await self._transfers.aclose(reuse=not self._interrupted)
         state, c = self._state, self._store._counters
         if state.first_bad < len(self._hits):
             await self._store._report_damage(self._spec, self._mid, self._hits[state.first_bad][0], state.error, state)

@@ -11,6 +11,7 @@ from kvstore.errors import IntegrityError, InvalidInputError, ObjectNotFoundErro
 from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.layout import ROOT_RECORD
 from kvstore.formats.records import RootRecord
+from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES
 from kvstore.storage import ObjectStore, open_object_store
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.tiers import TieredObjectStore
@@ -76,6 +77,7 @@ def open(  # noqa: A001 - the public name the API promises
     namespace: str | None = None,
     memory_cache_bytes: int = 0,
     cache_url: str | os.PathLike[str] | None = None,
+    pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
@@ -91,6 +93,9 @@ def open(  # noqa: A001 - the public name the API promises
     front of the store, and ``cache_url`` a local-disk tier (e.g. an NVMe
     directory in front of ``s3://``); reads fill them, writes go through to the
     store first, and ``stats()`` counts hits per tier.
+    ``pinned_pool_bytes`` bounds the pinned host memory used to stage copies to
+    and from CUDA devices (1 GiB; allocated on first use and reused; 0 disables
+    pinning). See docs/GPU.md.
     """
     if isinstance(memory_cache_bytes, bool) or not isinstance(memory_cache_bytes, int) or memory_cache_bytes < 0:
         raise InvalidInputError(f"memory_cache_bytes must be an int >= 0, got {memory_cache_bytes!r}")
@@ -106,6 +111,7 @@ def open(  # noqa: A001 - the public name the API promises
         "save_tail": save_tail,
         "repair": repair,
         "fail_open": fail_open,
+        "pinned_pool_bytes": pinned_pool_bytes,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create, retry, tiers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.errors import WriteBackError
+from kvstore.gpu.transfers import Transfers
 from kvstore.results import LayerKV, SaveResult
 
 __all__ = ["PendingMatch", "SaveHandle", "WriteBack"]
@@ -26,17 +28,37 @@ __all__ = ["PendingMatch", "SaveHandle", "WriteBack"]
 logger = logging.getLogger("kvstore")
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Pending:
     model_id: bytes
     tokens: np.ndarray
     host: list[LayerKV]
     nbytes: int
+    transfers: Transfers | None = None
+    """Owns ``host``'s memory when it is leased (pinned buffers of a CUDA source)."""
+    readers: int = 0
+    """Live ``PendingMatch`` objects still referring to ``host``."""
+    ended: bool = False
+    uploaded: bool = False
+
+    def unread(self) -> None:
+        self.readers -= 1
+        self.release_if_unused()
+
+    def release_if_unused(self) -> None:
+        """Give leased host memory back once the upload ended and no match refers to it any more."""
+        if self.ended and self.readers == 0 and self.transfers is not None:
+            transfers, self.transfers = self.transfers, None
+            transfers.release(reuse=self.uploaded)  # a failed upload may have left a worker thread reading
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class PendingMatch:
-    """The part of a query that a background save still holds: ``num_tokens`` of ``host``."""
+    """The part of a query that a background save still holds: ``num_tokens`` of ``host``.
+
+    ``host`` stays valid while this object lives, even past the upload: leased
+    (pinned) memory goes back to its pool only once every match is gone.
+    """
 
     num_tokens: int
     host: list[LayerKV]
@@ -78,20 +100,30 @@ class WriteBack:
         self,
         model_id: bytes,
         tokens: np.ndarray,
-        copy: Callable[[], list[LayerKV]],
+        copy: Callable[[], Awaitable[list[LayerKV]]],
         nbytes: int,
         upload: Callable[[list[LayerKV]], Awaitable[SaveResult]],
+        transfers: Transfers | None = None,
     ) -> SaveHandle:
-        """Wait for room, take the private copy (``copy``), then run ``upload(copy)`` in the background."""
+        """Wait for room, take the private copy (``await copy()``), then run ``upload(copy)`` in the background.
+
+        ``transfers`` owns the copy's memory when it is leased (pinned, from a CUDA
+        source): closed on failure, and released once the upload has ended and
+        no ``match`` result refers to the copy any more.
+        """
         async with self._room:  # backpressure; a save larger than the budget goes alone
             await self._room.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.budget)
             self.used += nbytes
         try:
-            host = await asyncio.to_thread(copy)
+            host = await copy()
         except BaseException:
-            await self._release(nbytes)
+            try:
+                if transfers is not None:
+                    await transfers.aclose()  # after the copies complete, even if they were cancelled
+            finally:
+                await self._release(nbytes)
             raise
-        entry = _Pending(model_id, tokens, host, nbytes)
+        entry = _Pending(model_id, tokens, host, nbytes, transfers)
         self._pending.append(entry)
         task = asyncio.create_task(self._run(entry, upload))
         self._tasks.add(task)
@@ -102,13 +134,17 @@ class WriteBack:
         self, entry: _Pending, upload: Callable[[list[LayerKV]], Awaitable[SaveResult]]
     ) -> SaveResult | BaseException:
         try:
-            return await upload(entry.host)
+            result = await upload(entry.host)
+            entry.uploaded = True
+            return result
         except Exception as exc:  # kept for flush(), or for whoever awaits the handle
             logger.error("background save of %d tokens failed: %s", len(entry.tokens), exc)
             self._errors.append(exc)
             return exc
         finally:
             self._pending.remove(entry)
+            entry.ended = True
+            entry.release_if_unused()
             await self._release(entry.nbytes)
 
     async def _release(self, nbytes: int) -> None:
@@ -127,6 +163,7 @@ class WriteBack:
         prompt (its tail chunk) when the query extends the whole prompt.
         """
         best: PendingMatch | None = None
+        best_entry: _Pending | None = None
         for entry in self._pending:
             if entry.model_id != model_id:
                 continue
@@ -136,7 +173,10 @@ class WriteBack:
             if common < len(entry.tokens):
                 common -= common % chunk_tokens
             if common > 0 and (best is None or common > best.num_tokens):
-                best = PendingMatch(common, entry.host)
+                best, best_entry = PendingMatch(common, entry.host), entry
+        if best is not None and best_entry is not None:
+            best_entry.readers += 1  # the host memory outlives the upload while the match is alive
+            weakref.finalize(best, best_entry.unread)
         return best
 
     async def flush(self) -> None:
