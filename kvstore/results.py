@@ -89,6 +89,12 @@ class StoreStats:
     source_bytes: int = 0
     source_seconds: float = 0.0
     memory_evictions: int = 0
+    pinned_bytes: int = 0
+    """Pinned host memory held for CUDA copies (``pinned_pool_bytes`` caps it; 0 before the first CUDA call)."""
+    pinned_reuses: int = 0
+    """Pinned buffers served from the pool instead of a new allocation."""
+    pinned_overflows: int = 0
+    """Copies that found the pool full and went through pageable memory."""
 
     @property
     def tier_hit_rate(self) -> float:

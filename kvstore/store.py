@@ -44,6 +44,7 @@ from kvstore.formats.layout import (
     zarr_array_metadata,
 )
 from kvstore.formats.records import CommitRecord, ModelRecord
+from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES, Stagings
 from kvstore.loading import LayerStream, LoadState
 from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
 from kvstore.registry import Registry, read_registry, retire_models
@@ -52,7 +53,7 @@ from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.storage.resilient import RetryStats
 from kvstore.storage.tiers import TierStats
-from kvstore.tensors import byte_view, check_kv, empty_kv, host_kv
+from kvstore.tensors import byte_view, check_kv, empty_kv
 from kvstore.writeback import PendingMatch, SaveHandle, WriteBack
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
@@ -84,6 +85,8 @@ class StoreOptions:
     """Bytes of KV that background saves (``save_prefix(wait=False)``) may hold; past it saves wait."""
     prefetch_budget: int = 1 << 30
     """Bytes of KV that unclaimed prefetches may hold; past it the oldest are dropped."""
+    pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES
+    """Pinned host memory for CUDA copies (allocated on first use, reused); past it copies use pageable memory."""
 
     def __post_init__(self) -> None:
         get_codec(self.codec)
@@ -93,7 +96,7 @@ class StoreOptions:
             or self.max_concurrency < 1
         ):
             raise InvalidInputError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
-        for name in ("prefetch_budget", "writeback_budget"):
+        for name in ("prefetch_budget", "writeback_budget", "pinned_pool_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
@@ -162,6 +165,7 @@ class KVStore:
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
         self._writeback = WriteBack(options.writeback_budget)
+        self._stagings = Stagings(options.pinned_pool_bytes)
         self._shared_reads = SharedReads()
         self._closed = False
 
@@ -183,6 +187,10 @@ class KVStore:
                 if isinstance(counters, (RetryStats, TierStats)):
                     extra.update({f.name: getattr(counters, f.name) for f in fields(counters)})
             layer = getattr(layer, "source", None) or getattr(layer, "inner", None)
+        pool = self._stagings.pool
+        if pool is not None:
+            ps = pool.stats()
+            extra.update(pinned_bytes=ps.allocated_bytes, pinned_reuses=ps.reuses, pinned_overflows=ps.overflows)
         return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)}, **extra)
 
     # ------------------------------------------------------------------ requests
@@ -306,16 +314,14 @@ class KVStore:
         if wait:
             return await self._save(spec, keys, kv)
         end = keys[-1].end if keys else 0
-
-        def copy() -> list[LayerKV]:  # private, so the caller may reuse its buffers at once
-            return host_kv(kv, 0, end, copy=True)
-
+        transfers = self._stagings.for_kv(kv).transfers()  # pinned buffers and a copy stream for CUDA KV
         return await self._writeback.submit(
             model_id(spec),
             arr[:end].copy(),
-            copy,
+            lambda: transfers.to_host(kv, 0, end, copy=True),  # private, so the caller may reuse its buffers at once
             spec.bytes_per_token * end,
             lambda host: self._save(spec, keys, host),
+            transfers,
         )
 
     async def flush(self) -> None:
@@ -336,8 +342,9 @@ class KVStore:
         written = [(0, 0)]
         if missing:
             base = missing[0].start  # copy only what is written, not the prefix already stored
-            host = await asyncio.to_thread(host_kv, kv, base)
-            written = await run_all(self._write_chunk(spec, mid, key, host, base) for key in missing)
+            async with self._stagings.for_kv(kv).transfers() as transfers:
+                host = await transfers.to_host(kv, base)
+                written = await run_all(self._write_chunk(spec, mid, key, host, base) for key in missing)
         nbytes = sum(b for b, _ in written)
         nobjects = sum(n for _, n in written)
         c = self._counters
@@ -665,6 +672,7 @@ class KVStore:
                 try:
                     await self._prefetches.close()
                 finally:
+                    self._stagings.clear()
                     await self._backend.close()
 
     async def __aenter__(self) -> KVStore:

@@ -187,6 +187,8 @@ async def test_load_to_cuda_matches_the_cpu_load(tmp_path: Path, stagings: Stagi
         after = pool.stats()
         assert after.allocations == before.allocations
         assert after.reuses > before.reuses
+        stats = store.stats()
+        assert (stats.pinned_bytes, stats.pinned_reuses) == (after.allocated_bytes, after.reuses)
 
 
 async def test_save_reads_the_values_a_kernel_just_wrote(tmp_path: Path, stagings: Stagings) -> None:
