@@ -24,6 +24,7 @@ from kvstore.tensors import empty_kv
 
 if TYPE_CHECKING:
     from kvstore.store import KVStore
+    from kvstore.writeback import PendingMatch
 
 __all__ = ["LayerStream", "LoadState"]
 
@@ -37,6 +38,10 @@ class LayerStream:
     which fix ``num_tokens``, then issues every layer request at once, layer-major
     (all chunks of layer 0 before any of layer 1) within the store's request limit.
     Each yielded layer has all its chunks read and verified, up to ``num_tokens``.
+
+    Read-your-writes: a prefix that a background save of the same store still
+    holds (``pending``) is served from its host copy when the store has nothing
+    longer, without a request.
 
     Damage: a chunk found damaged ends the hit before it. Layers already yielded
     cannot be recalled, so ``num_tokens`` only ever shrinks: later layers come
@@ -56,8 +61,17 @@ class LayerStream:
     memory itself is never reused.
     """
 
-    def __init__(self, store: KVStore, spec: ModelSpec, mid: bytes, tokens: np.ndarray, device: torch.device) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        spec: ModelSpec,
+        mid: bytes,
+        tokens: np.ndarray,
+        device: torch.device,
+        pending: PendingMatch | None = None,
+    ) -> None:
         self._store = store
+        self._pending = pending  # a background save's host copy of a prefix (read-your-writes)
         self._spec = spec
         self._mid = mid
         self._tokens = tokens
@@ -112,7 +126,7 @@ class LayerStream:
                 if self._state.failure is not None:
                     raise self._state.failure
                 self._shrink()
-            if layer >= len(self._tasks) or self.num_tokens == 0:
+            if layer >= len(self._host) or self.num_tokens == 0:
                 await self._finish()
                 raise StopAsyncIteration
         except StopAsyncIteration:
@@ -122,7 +136,8 @@ class LayerStream:
             raise
         n = self.num_tokens
         k, v = self._host[layer]
-        k, v = self._transfers.to_device([k[:n], v[:n]])
+        # A background save's copy is copied again: the caller may change what it gets, the upload must not see it.
+        k, v = self._transfers.to_device([k[:n], v[:n]], copy=self._pending is not None)
         self._yielded.append((k, v))
         return layer, k, v
 
@@ -163,6 +178,8 @@ class LayerStream:
         while m < min(state.cut, len(state.layers_left)) and state.layers_left[m] == 0:
             m += 1
         n = self._hits[m - 1][0].end if m and self._host else 0
+        if self._pending is not None and self._host:  # served from a background save: all there at once
+            n, m = self.num_tokens, 0
         if n == 0:
             return LoadResult(0, empty_kv(spec, self._device), 0, state.damaged, state.bytes_read)
         copies = [self._transfers.to_device([k[:n], v[:n]], copy=True) for k, v in self._host]
@@ -186,7 +203,7 @@ class LayerStream:
     async def aclose(self) -> None:
         """Cancel and await every outstanding request, and release the buffers. Idempotent."""
         await self._abort()
-        self._host = []
+        self._host, self._pending = [], None
         await self._transfers.aclose(reuse=not self._interrupted)
 
     async def _abort(self) -> None:
@@ -218,7 +235,17 @@ class LayerStream:
 
     async def _start(self) -> None:
         store, spec, mid, state = self._store, self._spec, self._mid, self._state
-        hits = await store._find_chain(spec, mid, self._tokens, lambda key: store._read_commit(spec, mid, key, state))
+        pending = self._pending
+        hits: list[tuple[ChunkKey, CommitRecord]] = []
+        if pending is None or pending.num_tokens < len(self._tokens):  # else nothing stored can be longer
+            hits = await store._find_chain(
+                spec, mid, self._tokens, lambda key: store._read_commit(spec, mid, key, state)
+            )
+        if pending is not None and pending.num_tokens > (hits[-1][0].end if hits else 0):
+            self.num_tokens = pending.num_tokens
+            self._host = list(pending.host)
+            return
+        self._pending = None
         if not hits:
             return
         self._hits = hits
@@ -246,7 +273,7 @@ class LayerStream:
         """Normal end: release the requests, report the damaged chunk that cut the hit, count."""
         await self._cancel_pending()  # only skipped requests are left, if any
         self._finished = self._closed = True
-        self._host = []
+        self._host, self._pending = [], None
         await self._transfers.aclose(reuse=not self._interrupted)
         state, c = self._state, self._store._counters
         if state.first_bad < len(self._hits):

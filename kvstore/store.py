@@ -54,7 +54,7 @@ from kvstore.storage import ObjectStore
 from kvstore.storage.resilient import RetryStats
 from kvstore.storage.tiers import TierStats
 from kvstore.tensors import byte_view, check_kv, empty_kv
-from kvstore.writeback import PendingMatch, SaveHandle, WriteBack
+from kvstore.writeback import SaveHandle, WriteBack
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
 
@@ -453,15 +453,7 @@ class KVStore:
         spec = _check_spec(spec)
         dev = _device(device)
         arr = normalize_tokens(tokens)
-        mid = model_id(spec)
-        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
-        if pending is not None and pending.num_tokens == len(arr):
-            self._counters.loads += 1
-            return _pending_result(spec, pending, dev)
-        result = await self._load(spec, mid, arr, dev, timeout)
-        if pending is not None and pending.num_tokens > result.num_tokens:
-            return _pending_result(spec, pending, dev)
-        return result
+        return await self._load(spec, model_id(spec), arr, dev, timeout)
 
     async def _load(
         self,
@@ -472,6 +464,7 @@ class KVStore:
         timeout: float | None,  # noqa: ASYNC109 - a deadline that returns the partial hit
     ) -> LoadResult:
         deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
         claimed = self._prefetches.claim(prefetch_key(mid, arr, dev))
         if claimed is not None:
             try:
@@ -480,10 +473,11 @@ class KVStore:
             except TimeoutError:
                 self._counters.loads_timed_out += 1
                 return LoadResult(0, empty_kv(spec, dev), 0, 0, 0)
-            if result is not None:
+            if result is not None and (pending is None or result.num_tokens >= pending.num_tokens):
                 return result
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return await LayerStream(self, spec, mid, arr, dev).collect(timeout=left, fail_open=self.options.fail_open)
+        stream = LayerStream(self, spec, mid, arr, dev, pending)
+        return await stream.collect(timeout=left, fail_open=self.options.fail_open)
 
     def load_prefix_layers(
         self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
@@ -498,7 +492,8 @@ class KVStore:
         self._check_open()
         spec = _check_spec(spec)
         dev = _device(device)
-        return LayerStream(self, spec, model_id(spec), normalize_tokens(tokens), dev)
+        mid, arr = model_id(spec), normalize_tokens(tokens)
+        return LayerStream(self, spec, mid, arr, dev, self._writeback.match(mid, arr, self.options.chunk_tokens))
 
     def prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> PrefetchHandle:
         """Start loading the cached prefix of ``tokens`` in the background; return at once.
@@ -515,8 +510,9 @@ class KVStore:
         arr = normalize_tokens(tokens)
         mid = model_id(spec)
         bound = spec.bytes_per_token * len(arr)  # the hit is never longer than the tokens
+        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)
         return self._prefetches.start(
-            prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self, spec, mid, arr, dev)
+            prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self, spec, mid, arr, dev, pending)
         )
 
     async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey, state: LoadState) -> CommitRecord | None:
@@ -690,13 +686,6 @@ def _check_commit(commit: CommitRecord, spec: ModelSpec, mid: bytes, key: ChunkK
     if len(commit.layer_sizes) != spec.num_layers:
         raise IntegrityError(f"commit record lists {len(commit.layer_sizes)} layers, the model has {spec.num_layers}")
     get_codec(commit.codec, stored=True)
-
-
-def _pending_result(spec: ModelSpec, pending: PendingMatch, dev: torch.device) -> LoadResult:
-    """A hit served from a background save's host copy (the upload has not finished yet)."""
-    n = pending.num_tokens
-    kv = tuple((k[:n].to(dev, copy=True), v[:n].to(dev, copy=True)) for k, v in pending.host)
-    return LoadResult(n, kv, 0, 0, 0)
 
 
 def _check_size(size: int, expected: int) -> None:

@@ -95,6 +95,32 @@ async def test_background_save_returns_at_once_and_is_readable_before_the_upload
     assert_kv_equal(fresh_hit.kv, expected)
 
 
+async def test_layer_streams_and_prefetches_read_a_background_save(
+    tmp_path: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], assert_kv_equal: Callable[..., None]
+) -> None:
+    spec = make_spec()
+    tokens = list(range(40))
+    kv = make_kv(spec, 40)
+    expected = [(k.clone(), v.clone()) for k, v in kv]
+    store, backend = await _gated(tmp_path)
+    handle = await store.save_prefix(spec, tokens, kv, wait=False)  # its upload waits at the gate throughout
+    for query in (tokens, [*tokens, 7]):  # all the tokens (no request), and more (the store has nothing longer)
+        async with store.load_prefix_layers(spec, query) as layers:
+            got = [(k, v) async for _, k, v in layers]
+        assert layers.num_tokens == 40
+        assert_kv_equal(got, expected)
+        got[0][0].zero_()  # the caller's tensors are its own: the pending upload keeps its copy
+        prefetched = await store.prefetch(spec, [*query, 8])
+        assert prefetched.num_tokens == 40
+        assert_kv_equal(prefetched.kv, expected)
+    assert not handle.done()
+    backend.gate.set()
+    await store.flush()
+    await store.close()
+    fresh_hit = await _load_fresh(tmp_path, spec, tokens)
+    assert_kv_equal(fresh_hit.kv, expected)
+
+
 async def _load_fresh(tmp_path: Any, spec: Any, tokens: list[int]) -> Any:
     async with kvstore.open(str(tmp_path / "kv")) as fresh:
         return await fresh.load_prefix(spec, tokens)
