@@ -66,9 +66,10 @@ async def _gated(tmp_path: Any, **options: Any) -> tuple[KVStore, GatedPuts]:
     return KVStore(backend, StoreOptions(chunk_tokens=CHUNK, **options)), backend
 
 
-async def test_background_save_returns_at_once_and_is_readable_before_the_upload(
-    tmp_path: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], assert_kv_equal: Callable[..., None]
-) -> None:
+async def _saving_in_background(
+    tmp_path: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+) -> tuple[Any, list[int], list[Any], KVStore, GatedPuts, Any]:
+    """A 40-token save(wait=False) whose upload waits at the gate; the caller's tensors zeroed at once after it."""
     spec = make_spec()
     tokens = list(range(40))
     kv = make_kv(spec, 40)
@@ -78,6 +79,13 @@ async def test_background_save_returns_at_once_and_is_readable_before_the_upload
     for k, v in kv:  # the caller reuses its buffers: the saved copy must not change
         k.zero_()
         v.zero_()
+    return spec, tokens, expected, store, backend, handle
+
+
+async def test_background_save_returns_at_once_and_is_readable_before_the_upload(
+    tmp_path: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], assert_kv_equal: Callable[..., None]
+) -> None:
+    spec, tokens, expected, store, backend, handle = await _saving_in_background(tmp_path, make_spec, make_kv)
     assert not handle.done()
     assert await store.lookup(spec, tokens) == 40
     hit = await store.load_prefix(spec, [*tokens, 7])
@@ -98,12 +106,7 @@ async def test_background_save_returns_at_once_and_is_readable_before_the_upload
 async def test_layer_streams_and_prefetches_read_a_background_save(
     tmp_path: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], assert_kv_equal: Callable[..., None]
 ) -> None:
-    spec = make_spec()
-    tokens = list(range(40))
-    kv = make_kv(spec, 40)
-    expected = [(k.clone(), v.clone()) for k, v in kv]
-    store, backend = await _gated(tmp_path)
-    handle = await store.save_prefix(spec, tokens, kv, wait=False)  # its upload waits at the gate throughout
+    spec, tokens, expected, store, backend, handle = await _saving_in_background(tmp_path, make_spec, make_kv)
     for query in (tokens, [*tokens, 7]):  # all the tokens (no request), and more (the store has nothing longer)
         async with store.load_prefix_layers(spec, query) as layers:
             got = [(k, v) async for _, k, v in layers]
