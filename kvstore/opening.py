@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict
 
 from kvstore.errors import IntegrityError, InvalidInputError, ObjectNotFoundError, StoreConfigError
 from kvstore.formats.codecs import DEFAULT_CODEC
@@ -17,12 +17,31 @@ from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.tiers import TieredObjectStore
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
 
-__all__ = ["DEFAULT_RETRY", "NAMESPACES_DIR", "namespace_url", "open"]
+__all__ = ["DEFAULT_RETRY", "NAMESPACES_DIR", "OpenOptions", "namespace_url", "open"]
 
 NAMESPACES_DIR = "namespaces"
 _NAMESPACE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+class OpenOptions(TypedDict, total=False):
+    """The keyword arguments of ``open``, for wrappers that pass them on (``kvstore.sync.open``)."""
+
+    storage_options: dict[str, Any] | None
+    chunk_tokens: int | None
+    codec: str
+    max_concurrency: int
+    verify: bool
+    save_tail: bool
+    repair: bool
+    fail_open: bool
+    create: bool
+    retry: RetryPolicy | None
+    namespace: str | None
+    memory_cache_bytes: int
+    cache_url: str | os.PathLike[str] | None
+    pinned_pool_bytes: int
 
 
 class _Opening:

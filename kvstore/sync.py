@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Unpack
 
 import torch
 
 from kvstore._loop import LoopThread
-from kvstore.formats.codecs import DEFAULT_CODEC
 from kvstore.formats.keys import TokenInput
 from kvstore.loading import LayerStream
+from kvstore.opening import OpenOptions
 from kvstore.opening import open as open_async
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
@@ -106,30 +106,9 @@ class SyncStore:
         self.close()
 
 
-def open(  # noqa: A001 - mirrors kvstore.open
-    url: str | os.PathLike[str],
-    *,
-    storage_options: dict[str, Any] | None = None,
-    chunk_tokens: int | None = None,
-    codec: str = DEFAULT_CODEC,
-    max_concurrency: int = 32,
-    verify: bool = True,
-    save_tail: bool = True,
-    repair: bool = True,
-    create: bool = True,
-) -> SyncStore:
+def open(url: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> SyncStore:  # noqa: A001 - mirrors kvstore.open
     """Open a store for blocking use; the arguments are those of ``kvstore.open``."""
-    opening = open_async(
-        url,
-        storage_options=storage_options,
-        chunk_tokens=chunk_tokens,
-        codec=codec,
-        max_concurrency=max_concurrency,
-        verify=verify,
-        save_tail=save_tail,
-        repair=repair,
-        create=create,
-    )
+    opening = open_async(url, **options)
     loop = LoopThread()
     try:
         store = loop.run(_await(opening))

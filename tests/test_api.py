@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import kvstore
 
@@ -86,3 +88,11 @@ def test_cpu_saves_and_loads_never_import_cupy(tmp_path: object) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sync_open_takes_every_option_of_open(tmp_path: Path) -> None:
+    from kvstore.opening import OpenOptions
+
+    assert set(OpenOptions.__annotations__) == set(inspect.signature(kvstore.open).parameters) - {"url"}
+    with kvstore.sync.open(tmp_path, namespace="tenant-a", fail_open=False, memory_cache_bytes=1 << 20) as store:
+        assert store.url.endswith("namespaces/tenant-a")
