@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -218,7 +219,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], modes: list[str], title
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("time to first token (ms)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(" ".join(title.split()), 90)), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -46,9 +46,10 @@ logger = logging.getLogger("kvstore.hf")
 MIN_CACHED_TOKENS = 64
 """Below this many reusable tokens, recomputing may beat a store round trip.
 
-benchmarks/bench_ttft.py measured the break-even (317M-param Llama, bf16, 2 CPU cores) at
-under 8 tokens from a local directory and about 70 from s3:// on a loopback moto server;
-64 keeps short prompts off slow stores. Pass ``min_cached_tokens`` to tune it per deployment.
+benchmarks/bench_ttft.py measured the break-even (bf16, 2 CPU cores) at 8 tokens or fewer
+from a local directory, and from s3:// on a loopback moto server at about 20 tokens for a
+1.24B-parameter model and about 70 for a 317M one; 64 keeps short prompts off slow stores.
+Pass ``min_cached_tokens`` to tune it per deployment.
 """
 
 
