@@ -127,6 +127,29 @@ class S3ObjectStore(FsspecObjectStore):
         return ObjectMeta(key, int(resp.get("ContentLength", 0)), modified.timestamp() if modified else None)
 
 
+class MemoryObjectStore(FsspecObjectStore):
+    """``memory://`` with a HEAD that is one dict lookup.
+
+    fsspec's ``MemoryFileSystem.info`` scans every stored path for a directory
+    first, which makes a lookup O(objects in the process); an object is a file
+    in ``fs.store`` or nothing.
+    """
+
+    async def head(self, key: str) -> ObjectMeta | None:
+        found = self.fs.store.get(self._path(key))
+        if found is None:
+            return None
+        created = getattr(found, "created", None)
+        return ObjectMeta(key, int(found.size), created.timestamp() if created is not None else None)
+
+
+_STORE_CLASSES: dict[str, type[FsspecObjectStore]] = {
+    "s3": S3ObjectStore,
+    "s3a": S3ObjectStore,
+    "memory": MemoryObjectStore,
+}
+
+
 async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -> FsspecObjectStore:
     """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache)."""
     protocol, _, _ = url.partition("://")
@@ -145,5 +168,5 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
     root = cls._strip_protocol(url)
     if isinstance(root, list):  # pragma: no cover - fsspec typing allows lists
         root = root[0]
-    store_cls = S3ObjectStore if protocol in ("s3", "s3a") else FsspecObjectStore
+    store_cls = _STORE_CLASSES.get(protocol, FsspecObjectStore)
     return store_cls(fs, str(root), url)
