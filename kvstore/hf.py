@@ -4,10 +4,12 @@
         spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="my-llama", version="v1")
         out = await kvstore.hf.generate(store, spec, model, prompt_ids, max_new_tokens=32)
 
-The cycle for one prompt: look up its cached prefix, load it (never the last token,
-whose logits must be computed), prefill the remaining tokens, generate greedily and
-save the extended prefix. The model runs in a worker thread so the event loop stays
-free for the store's I/O. Needs the ``hf`` extra (transformers); ``import kvstore``
+The cycle for one prompt: load its cached prefix (never the last token, whose logits
+must be computed), prefill the remaining tokens, generate greedily and save the
+extended prefix. The load and the prefill overlap: the model starts once layer 0 is
+loaded, and each of its layers waits only for that layer's KV (``load_prefix_layers``
+feeding a ``streaming_cache``). The model runs in a worker thread so the event loop
+stays free for the store's I/O. Needs the ``hf`` extra (transformers); ``import kvstore``
 does not import this module.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from kvstore.errors import InvalidInputError, StoreUnavailableError
-from kvstore.formats.hf import cache_from_kv, kv_from_cache
+from kvstore.formats.hf import cache_from_kv, kv_from_cache, streaming_cache
 from kvstore.formats.keys import TokenInput, normalize_tokens
 from kvstore.results import SaveResult
 from kvstore.spec import ModelSpec
@@ -165,28 +167,90 @@ async def prefill(
     t0 = time.perf_counter()
     ids = _ids(tokens)
     n = len(ids)
-    config = getattr(model, "config", None)
-    cached, cache, error = 0, None, None
+    restored, error = None, None
     if store is not None and use_cache_for(n, min_cached_tokens):
         try:
-            # The whole prompt is asked for, so that a saved chunk ending exactly at the prompt's end
-            # still hits; the last token is then dropped (a view) because its logits must be computed.
-            hit = await store.load_prefix(spec, ids, device=_device(model))
+            restored = await _restore(store, spec, model, ids)
         except StoreUnavailableError as exc:
             logger.warning("kvstore unavailable, prefilling %d tokens in full: %s", n, exc)
             error = str(exc)
-        else:
-            cached = min(hit.num_tokens, n - 1)
-            if cached:
-                cache = cache_from_kv([(k[:cached], v[:cached]) for k, v in hit.kv], config=config)
-    if cache is None:
-        cache = _empty_cache(config)
-    logits = await asyncio.to_thread(_run, model, ids[cached:], cache)
+    if restored is None:
+        cache = _empty_cache(getattr(model, "config", None))
+        cached, logits = 0, await asyncio.to_thread(_run, model, ids, cache)
+    else:
+        cached, cache, logits = restored
     ttft = time.perf_counter() - t0
     saved = None
     if save and store is not None and error is None:
         saved, error = await _save(store, spec, ids, cache, write_back)
     return PrefillResult(cache, logits, cached, n - cached, ttft, saved, error)
+
+
+class _Abandoned(Exception):
+    """Wakes a forward waiting for a restored layer that will not come (the load failed or was cut short)."""
+
+
+async def _restore(store: KVStore, spec: ModelSpec, model: Any, ids: torch.Tensor) -> tuple[int, Any, Any] | None:
+    """The prompt's cached prefix and the logits of the rest: ``(cached tokens, cache, logits)``, None on a miss.
+
+    The whole prompt is asked for, so that a saved chunk ending exactly at its end
+    still hits; at most ``len(ids) - 1`` tokens are used (the last one's logits must
+    be computed). The forward over the remaining tokens starts as soon as layer 0
+    is loaded and waits for each later layer as it reaches it, so the load and the
+    model's step overlap. A prefetched prompt is taken whole from its prefetch.
+    """
+    n, dev, config = len(ids), _device(model), getattr(model, "config", None)
+    if store.has_prefetch(spec, ids, device=dev):
+        hit = await store.load_prefix(spec, ids, device=dev)
+        return await _run_after(model, ids, [(k, v) for k, v in hit.kv], hit.num_tokens, config)
+    async with store.load_prefix_layers(spec, ids, device=dev) as layers:
+        first = await anext(layers, None)
+        if first is None:
+            return None
+        got = [first[1:]]
+        cached = min(layers.num_tokens, n - 1)
+        streaming = streaming_cache(cached, spec.num_layers, config=config)
+        if streaming is None:  # layer types that need the whole prefix up front
+            got += [(k, v) async for _, k, v in layers]
+            return await _run_after(model, ids, got, layers.num_tokens, config)
+        cache, feeds = streaming
+        forward = asyncio.ensure_future(asyncio.to_thread(_run, model, ids[cached:], cache))
+        try:
+            feeds[0].put(first[1][:cached], first[2][:cached])
+            async for layer, k, v in layers:
+                got.append((k, v))
+                if len(k) < cached:  # a damaged chunk cut the hit short: this forward cannot finish
+                    for feed in feeds:
+                        feed.fail(_Abandoned())
+                else:
+                    feeds[layer].put(k[:cached], v[:cached])
+        except BaseException:
+            for feed in feeds:
+                feed.fail(_Abandoned())
+            await _settle(forward)  # the worker thread ends before the buffers go
+            raise
+        if layers.num_tokens >= cached:
+            return cached, cache, await forward
+        await _settle(forward)
+        return await _run_after(model, ids, got, layers.num_tokens, config)
+
+
+async def _settle(forward: asyncio.Future[Any]) -> None:
+    """Wait for an abandoned forward to end; its error (``_Abandoned``) is expected and dropped."""
+    await asyncio.wait([forward])
+    if not forward.cancelled():
+        forward.exception()
+
+
+async def _run_after(
+    model: Any, ids: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], hit: int, config: Any
+) -> tuple[int, Any, Any] | None:
+    """Run the tokens after the first ``min(hit, len(ids) - 1)`` over their KV (restored in full)."""
+    cached = min(hit, len(ids) - 1)
+    if cached <= 0:
+        return None
+    cache = cache_from_kv([(k[:cached], v[:cached]) for k, v in kv], config=config)
+    return cached, cache, await asyncio.to_thread(_run, model, ids[cached:], cache)
 
 
 async def _save(

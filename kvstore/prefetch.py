@@ -120,6 +120,9 @@ class PrefetchBuffer:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def start(self, key: PrefetchKey, nbytes: int, make_loader: Callable[[], Loader]) -> PrefetchHandle:
         """The prefetch of ``key``: the one already buffered, or a new one after evicting the oldest to fit."""
         existing = self._entries.get(key)

@@ -495,6 +495,10 @@ class KVStore:
         mid, arr = model_id(spec), normalize_tokens(tokens)
         return LayerStream(self, spec, mid, arr, dev, self._writeback.match(mid, arr, self.options.chunk_tokens))
 
+    def has_prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> bool:
+        """Whether a prefetch of exactly these tokens and device waits to be claimed by ``load_prefix``."""
+        return prefetch_key(model_id(_check_spec(spec)), normalize_tokens(tokens), _device(device)) in self._prefetches
+
     def prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> PrefetchHandle:
         """Start loading the cached prefix of ``tokens`` in the background; return at once.
 

@@ -4,7 +4,8 @@ transformers keeps each layer as ``[batch, kv_heads, seq, head_dim]``; kvstore s
 ``[tokens, kv_heads, head_dim]`` for one prompt. Both directions here return *views*
 (a transpose and a slice), so the only copy is the one the store makes anyway when it
 lays the tensors out contiguously for saving, or the one the model makes when it
-appends new tokens to a restored cache.
+appends new tokens to a restored cache. ``streaming_cache`` builds a cache whose layers
+are filled while the model already runs (each layer waits for its own KV).
 
 transformers is imported only when a cache is built (the ``hf`` extra), never by
 ``import kvstore``.
@@ -12,15 +13,17 @@ transformers is imported only when a cache is built (the ``hf`` extra), never by
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from typing import Any
+from functools import cache as _once
+from typing import Any, Protocol
 
 import torch
 
 from kvstore.errors import InvalidInputError
 from kvstore.results import LayerKV
 
-__all__ = ["cache_from_kv", "cache_layers", "kv_from_cache"]
+__all__ = ["LayerFeed", "cache_from_kv", "cache_layers", "kv_from_cache", "streaming_cache"]
 
 
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -82,14 +85,8 @@ def cache_from_kv(kv: Sequence[LayerKV], *, config: Any = None) -> Any:
     the cache gets the model's layer types; plain full-attention layers take the views
     directly, any other layer type is filled through its own ``update``.
     """
-    try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("kvstore's transformers integration needs transformers: pip install 'kvstore[hf]'") from exc
-
-    plain: Any = DynamicLayer  # transformers leaves its constructor unannotated
-    cache: Any = DynamicCache(config=config) if config is not None else DynamicCache()
+    plain, _ = _layer_types()
+    cache: Any = _empty(config)
     if config is None:
         cache.layers.extend(plain() for _ in kv)
     if len(cache.layers) != len(kv):
@@ -104,3 +101,84 @@ def cache_from_kv(kv: Sequence[LayerKV], *, config: Any = None) -> Any:
         else:
             layer.update(kb, vb)
     return cache
+
+
+class LayerFeed(Protocol):
+    """One layer of a ``streaming_cache``: give it its restored K/V, or the reason it will not come."""
+
+    def put(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """This layer's first tokens, ``[tokens, heads, head_dim]`` (views are kept, not copied)."""
+        ...
+
+    def fail(self, exc: BaseException) -> None:
+        """Make the forward that waits for this layer raise ``exc`` instead."""
+        ...
+
+
+def streaming_cache(num_tokens: int, num_layers: int, *, config: Any = None) -> tuple[Any, list[LayerFeed]] | None:
+    """A batch-1 ``DynamicCache`` whose first ``num_tokens`` arrive layer by layer while a forward runs.
+
+    The model can start on the tokens after the restored prefix at once, in
+    another thread: layer ``i``'s attention waits until ``feeds[i].put(k, v)``
+    (from the loader) has given that layer's K/V, so the forward overlaps the
+    rest of the load. None when the model has layers other than plain
+    full-attention ones (their caches need the whole prefix up front): use
+    ``cache_from_kv`` then.
+    """
+    plain, streamed = _layer_types()
+    cache: Any = _empty(config)
+    if config is None:
+        cache.layers.extend(plain() for _ in range(num_layers))
+    if len(cache.layers) != num_layers or any(type(layer) is not plain for layer in cache.layers):
+        return None
+    cache.layers = [streamed(num_tokens) for _ in range(num_layers)]
+    return cache, list(cache.layers)
+
+
+def _empty(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+@_once
+def _layer_types() -> tuple[Any, Any]:
+    """transformers' ``DynamicLayer`` and its streamed variant (made once, on first use: transformers is optional)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("kvstore's transformers integration needs transformers: pip install 'kvstore[hf]'") from exc
+
+    class StreamedLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers is not typed
+        """A ``DynamicLayer`` whose restored prefix is set by ``put`` from another thread before its first update."""
+
+        def __init__(self, num_tokens: int) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self._num_tokens = num_tokens
+            self._ready = threading.Event()
+            self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._error: BaseException | None = None
+
+        def put(self, k: torch.Tensor, v: torch.Tensor) -> None:
+            self._kv = (k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
+            self._ready.set()
+
+        def fail(self, exc: BaseException) -> None:
+            self._error = exc
+            self._ready.set()
+
+        def get_seq_length(self) -> int:  # asked before any layer runs (positions, masks)
+            return self._num_tokens if not self.is_initialized else int(super().get_seq_length())
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not self.is_initialized:
+                self._ready.wait()
+                if self._error is not None:
+                    raise self._error
+                assert self._kv is not None
+                kb, vb = self._kv
+                self.lazy_initialization(kb, vb)
+                self.keys, self.values = kb, vb
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    return DynamicLayer, StreamedLayer

@@ -144,17 +144,72 @@ async def test_write_back_saves_in_the_background_and_the_next_turn_hits() -> No
     assert second.tokens == ref.tokens
 
 
-async def test_unavailable_store_degrades_to_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
+def _fail_layer_reads(store: kvstore.KVStore, layer: int, error: Exception) -> None:
+    """Make every read of ``layer``'s objects raise ``error`` (the other layers read normally)."""
+    backend: Any = store._backend
+    marker = f"/c.{layer}."
+
+    def failing(read: Any) -> Any:
+        async def wrapped(key: str, *args: Any, **kwargs: Any) -> Any:
+            if marker in key:
+                raise error
+            return await read(key, *args, **kwargs)
+
+        return wrapped
+
+    backend.get = failing(backend.get)
+    backend.get_into = failing(backend.get_into)
+
+
+async def _saved_store(url: str, model: Any, spec: kvstore.ModelSpec, prompt: list[int]) -> kvstore.KVStore:
+    store = await kvstore.open(url, chunk_tokens=8)
+    await kvstore.hf.prefill(store, spec, model, prompt, save=True, min_cached_tokens=0)
+    return store
+
+
+async def test_a_streamed_hit_equals_the_whole_load_and_a_recompute() -> None:
+    model = _models.build("llama")
+    spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="s", version="1")
+    prompt = list(range(3, 43))
+    store = await _saved_store("memory://hf-streamed", model, spec, prompt)
+    async with store:
+        streamed = await kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0)
+        store.prefetch(spec, prompt)  # a prefetched prompt is restored whole, then run
+        assert store.has_prefetch(spec, prompt)
+        whole = await kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0)
+        assert not store.has_prefetch(spec, prompt)
+    full = await kvstore.hf.prefill(None, spec, model, prompt)
+    assert streamed.cached_tokens == whole.cached_tokens == len(prompt) - 1
+    assert torch.equal(streamed.logits, whole.logits)
+    assert (streamed.logits - full.logits).abs().max() <= 1e-4
+    assert [layer.keys.shape[2] for layer in streamed.cache.layers] == [len(prompt)] * 3
+
+
+async def test_damage_found_mid_stream_reruns_over_the_shorter_prefix() -> None:
+    model = _models.build("qwen2")
+    spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="d", version="1")
+    prompt = list(range(3, 43))
+    store = await _saved_store("memory://hf-damage", model, spec, prompt)
+    async with store:
+        _fail_layer_reads(store, 2, kvstore.IntegrityError("flipped bits"))  # found after layers 0 and 1 ran
+        out = await kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0)
+        assert out.cached_tokens == 0  # every chunk's layer 2 is damaged: nothing is usable
+        assert out.cache_error is None
+    full = await kvstore.hf.prefill(None, spec, model, prompt)
+    assert torch.equal(out.logits, full.logits)
+
+
+async def test_a_store_failing_mid_stream_degrades_to_a_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
     model = _models.build("llama")
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="l", version="1")
-
-    class Down:
-        async def load_prefix(self, *args: Any, **kwargs: Any) -> Any:
-            raise kvstore.StoreUnavailableError("down")
-
-    out = await kvstore.hf.generate(Down(), spec, model, list(range(3, 23)), 2, min_cached_tokens=0)  # type: ignore[arg-type]
+    prompt = list(range(3, 23))
+    store = await _saved_store("memory://hf-down", model, spec, prompt)
+    async with store:
+        _fail_layer_reads(store, 1, kvstore.StoreUnavailableError("down"))
+        out = await kvstore.hf.generate(store, spec, model, prompt, 2, min_cached_tokens=0)
     assert (out.cached_tokens, out.computed_tokens, out.saved, out.cache_error) == (0, 20, None, "down")
     assert "unavailable" in caplog.text
+    assert out.tokens == (await kvstore.hf.generate(None, spec, model, prompt, 2)).tokens
 
 
 def test_formats_hf_does_not_import_transformers() -> None:
