@@ -56,6 +56,13 @@ def _get(obj: dict[str, Any], name: str, typ: type[T], kind: str) -> T:
     return value
 
 
+def _get_model_id(obj: dict[str, Any], kind: str) -> bytes:
+    model_id = _get(obj, "id", bytes, kind)
+    if len(model_id) != 16:
+        raise IntegrityError(f"{kind} record id must be 16 bytes")
+    return model_id
+
+
 def _get_int(obj: dict[str, Any], name: str, kind: str, lo: int, hi: int) -> int:
     value = _get(obj, name, int, kind)
     if not lo <= value <= hi:
@@ -128,9 +135,7 @@ class ModelRecord:
     def from_msgpack(cls, data: bytes) -> ModelRecord:
         k = "model"
         obj = _unpack(data, _MAX_SMALL_RECORD, k)
-        model_id = _get(obj, "id", bytes, k)
-        if len(model_id) != 16:
-            raise IntegrityError("model record id must be 16 bytes")
+        model_id = _get_model_id(obj, k)
         try:
             spec = ModelSpec(
                 name=_get(obj, "name", str, k),
@@ -241,9 +246,7 @@ class RetirementRecord:
     def from_msgpack(cls, data: bytes) -> RetirementRecord:
         k = "retirement"
         obj = _unpack(data, _MAX_SMALL_RECORD, k)
-        model_id = _get(obj, "id", bytes, k)
-        if len(model_id) != 16:
-            raise IntegrityError("retirement record id must be 16 bytes")
+        model_id = _get_model_id(obj, k)
         by = _get(obj, "retired_by", str, k)
         reason = obj.get("reason")
         if reason is not None and not isinstance(reason, str):
