@@ -1,8 +1,10 @@
 """Loading a prefix layer by layer: the one loader behind ``load_prefix``, ``load_prefix_layers`` and ``prefetch``.
 
-A load reads the chain's commit records (which fix the hit's length), then
-requests every layer object at once, layer-major, under the store's request
-limit; ``LayerStream`` hands the layers out in order as each one completes.
+A load finds the chain with one round of HEADs (which fixes the hit's length),
+then reads every chunk's data object at once under the store's request limit,
+in chunk order: one request per chunk for a whole load, or two for a
+layer-pipelined one (layer 0 first). ``LayerStream`` hands the layers out in
+order as each one is complete in every chunk.
 """
 
 from __future__ import annotations
@@ -10,34 +12,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvstore.errors import StoreUnavailableError
-from kvstore.formats.keys import ChunkKey
-from kvstore.formats.records import CommitRecord
+from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreUnavailableError
+from kvstore.fetching import SharedReads
+from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.gpu.staging import Stagings
+from kvstore.reading import ChunkReader, Hit, LayerBytes
+from kvstore.requests import Counters
 from kvstore.results import LayerKV, LoadResult
 from kvstore.spec import ModelSpec
-from kvstore.tensors import empty_kv
+from kvstore.tensors import byte_view, empty_kv
 
 if TYPE_CHECKING:
-    from kvstore.store import KVStore
     from kvstore.writeback import PendingMatch
 
-__all__ = ["LayerStream", "LoadState"]
+__all__ = ["LayerStream", "LoadServices", "LoadState"]
 
 logger = logging.getLogger("kvstore")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadServices:
+    """What every load of one store shares: its reader, shared reads, staging buffers and counters."""
+
+    reader: ChunkReader
+    shared: SharedReads
+    stagings: Stagings
+    counters: Counters
 
 
 class LayerStream:
     """The layers of one load, yielded in order as each becomes complete: ``(layer, k, v)``.
 
-    Nothing is read until the first ``__anext__``: it reads the commit records,
-    which fix ``num_tokens``, then issues every layer request at once, layer-major
-    (all chunks of layer 0 before any of layer 1) within the store's request limit.
-    Each yielded layer has all its chunks read and verified, up to ``num_tokens``.
+    Nothing is read until the first ``__anext__``: it finds the chain (one round
+    of HEADs), which fixes ``num_tokens``, then starts one read per chunk, in
+    chunk order, within the store's request limit. With ``split`` (what
+    ``load_prefix_layers`` uses) each chunk's layer 0 comes from a first small
+    read, so layer 0 is complete once every chunk's first read is, long before
+    the rest arrives. Each yielded layer has all its chunks read and verified,
+    up to ``num_tokens``.
 
     Read-your-writes: a prefix that a background save of the same store still
     holds (``pending``) is served from its host copy when the store has nothing
@@ -63,32 +81,35 @@ class LayerStream:
 
     def __init__(
         self,
-        store: KVStore,
+        services: LoadServices,
         spec: ModelSpec,
         mid: bytes,
         tokens: np.ndarray,
         device: torch.device,
         pending: PendingMatch | None = None,
+        *,
+        split: bool = False,
     ) -> None:
-        self._store = store
+        self._services = services
         self._pending = pending  # a background save's host copy of a prefix (read-your-writes)
         self._spec = spec
         self._mid = mid
         self._tokens = tokens
         self._device = device
-        self._transfers = store._stagings.for_device(device).transfers()
+        self._split = split
+        self._transfers = services.stagings.for_device(device).transfers()
         self._interrupted = False  # requests were cancelled in flight: the host buffers must not be reused
         self._state = LoadState()
-        self._hits: list[tuple[ChunkKey, CommitRecord]] = []
+        self._hits: list[Hit] = []
         self._host: list[LayerKV] = []
         self._yielded: list[LayerKV] = []
-        self._tasks: list[list[asyncio.Task[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._finished = False
         self._closed = False
         self.num_tokens = 0
-        """Tokens of the hit: set once the commit records are read, then only shrinks."""
-        store._counters.loads += 1
+        """Tokens of the hit: set once the chain is found, then only shrinks."""
+        services.counters.loads += 1
 
     @property
     def chunks_done(self) -> int:
@@ -121,8 +142,8 @@ class LayerStream:
                 self._started = True
                 await self._start()
             layer = len(self._yielded)
-            if layer < len(self._tasks) and self.num_tokens > 0:
-                await asyncio.wait(self._tasks[layer])
+            if self._tasks and layer < len(self._host) and self.num_tokens > 0:
+                await self._state.wait_layer(layer)
                 if self._state.failure is not None:
                     raise self._state.failure
                 self._shrink()
@@ -152,19 +173,20 @@ class LayerStream:
         Past ``timeout`` seconds, or on a store failure with ``fail_open``, the
         result is what is complete by then (``completed()``), possibly a miss.
         """
+        counters = self._services.counters
         try:
             try:
                 async with asyncio.timeout(timeout):
                     async for _ in self:
                         pass
             except TimeoutError:
-                self._store._counters.loads_timed_out += 1
+                counters.loads_timed_out += 1
                 logger.warning("load of %s stopped at its %.3f s deadline", self._spec.label, timeout)
                 return self.completed()
             except StoreUnavailableError as exc:
                 if not fail_open:
                     raise
-                self._store._counters.read_errors += 1
+                counters.read_errors += 1
                 logger.warning("load of %s failed open: %s", self._spec.label, exc)
                 return self.completed()
             return self.result()
@@ -175,16 +197,16 @@ class LayerStream:
         """The leading chunks whose every layer is read and verified now, as a ``LoadResult``."""
         state, spec = self._state, self._spec
         m = 0
-        while m < min(state.cut, len(state.layers_left)) and state.layers_left[m] == 0:
+        while m < min(state.cut, len(state.layers_done)) and state.layers_done[m] == spec.num_layers:
             m += 1
-        n = self._hits[m - 1][0].end if m and self._host else 0
+        n = self._hits[m - 1].key.end if m and self._host else 0
         if self._pending is not None and self._host:  # served from a background save: all there at once
             n, m = self.num_tokens, 0
         if n == 0:
             return LoadResult(0, empty_kv(spec, self._device), 0, state.damaged, state.bytes_read)
         copies = [self._transfers.to_device([k[:n], v[:n]], copy=True) for k, v in self._host]
         kv = tuple((k, v) for k, v in copies)
-        self._store._counters.chunks_loaded += m
+        self._services.counters.chunks_loaded += m
         return LoadResult(n, kv, m, state.damaged, state.bytes_read)
 
     def result(self) -> LoadResult:
@@ -213,10 +235,10 @@ class LayerStream:
         self._closed = True
         await self._cancel_pending()
         if not self._finished:
-            self._store._counters.bytes_read += self._state.bytes_read
+            self._services.counters.bytes_read += self._state.bytes_read
 
     async def _cancel_pending(self) -> None:
-        pending = [t for tasks in self._tasks for t in tasks if not t.done()]
+        pending = [t for t in self._tasks if not t.done()]
         for t in pending:
             t.cancel()
         if pending:
@@ -227,21 +249,18 @@ class LayerStream:
         transfers = getattr(self, "_transfers", None)
         if transfers is not None:
             transfers.abandon()
-        for tasks in self._tasks:
-            for t in tasks:
-                if not t.done():
-                    with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                        t.cancel()
+        for t in getattr(self, "_tasks", ()):
+            if not t.done():
+                with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                    t.cancel()
 
     async def _start(self) -> None:
-        store, spec, mid, state = self._store, self._spec, self._mid, self._state
+        services, spec, mid, state = self._services, self._spec, self._mid, self._state
         pending = self._pending
-        hits: list[tuple[ChunkKey, CommitRecord]] = []
+        hits: list[Hit] = []
         if pending is None or pending.num_tokens < len(self._tokens):  # else nothing stored can be longer
-            hits = await store._find_chain(
-                spec, mid, self._tokens, lambda key: store._read_commit(spec, mid, key, state)
-            )
-        if pending is not None and pending.num_tokens > (hits[-1][0].end if hits else 0):
+            hits = await services.reader.find_chain(spec, mid, self._tokens)
+        if pending is not None and pending.num_tokens > (hits[-1].key.end if hits else 0):
             self.num_tokens = pending.num_tokens
             self._host = list(pending.host)
             return
@@ -249,25 +268,38 @@ class LayerStream:
         if not hits:
             return
         self._hits = hits
-        self.num_tokens = hits[-1][0].end
+        self.num_tokens = hits[-1].key.end
         shape = (self.num_tokens, spec.num_kv_heads, spec.head_dim)
         host = self._transfers.host_empty
         self._host = [(host(shape, spec.dtype), host(shape, spec.dtype)) for _ in range(spec.num_layers)]
-        state.first_bad = state.cut = len(hits)
-        state.layers_left = [spec.num_layers] * len(hits)
-        # Created layer-major, so the FIFO request limit serves every chunk of layer 0 before layer 1's.
-        # The tasks hold the state, not the stream, so a dropped stream is collected (and cancels them).
+        state.start(len(hits), spec.num_layers)
+        # Created in chunk order, so the FIFO request limit serves chunk 0 first (and, with split, every
+        # chunk's first read before any second one). The tasks hold the state, not the stream, so a
+        # dropped stream is collected (and cancels them).
+        row = spec.row_bytes
+        views = [(byte_view(k), byte_view(v)) for k, v in self._host]
         self._tasks = [
-            [
-                asyncio.create_task(_load_part(store, spec, mid, hits, self._host[layer], state, layer, j))
-                for j in range(len(hits))
-            ]
-            for layer in range(spec.num_layers)
+            asyncio.create_task(
+                _load_chunk(
+                    services,
+                    spec,
+                    mid,
+                    hit,
+                    [
+                        (kb[hit.key.start * row : hit.key.end * row], vb[hit.key.start * row : hit.key.end * row])
+                        for kb, vb in views
+                    ],
+                    state,
+                    j,
+                    self._split,
+                )
+            )
+            for j, hit in enumerate(hits)
         ]
 
     def _shrink(self) -> None:
         if self._state.first_bad < len(self._hits):
-            self.num_tokens = min(self.num_tokens, self._hits[self._state.first_bad][0].start)
+            self.num_tokens = min(self.num_tokens, self._hits[self._state.first_bad].key.start)
 
     async def _finish(self) -> None:
         """Normal end: release the requests, report the damaged chunk that cut the hit, count."""
@@ -275,53 +307,115 @@ class LayerStream:
         self._finished = self._closed = True
         self._host, self._pending = [], None
         await self._transfers.aclose(reuse=not self._interrupted)
-        state, c = self._state, self._store._counters
-        if state.first_bad < len(self._hits):
-            await self._store._report_damage(self._spec, self._mid, self._hits[state.first_bad][0], state.error, state)
+        state, c = self._state, self._services.counters
+        if state.first_bad < len(self._hits) and state.damage:
+            await self._services.reader.report_damage(
+                self._spec, self._mid, self._hits[state.first_bad].key, state.error
+            )
         c.chunks_loaded += state.first_bad if self.num_tokens else 0
         c.bytes_read += state.bytes_read
 
 
-async def _load_part(
-    store: KVStore,
+async def _load_chunk(
+    services: LoadServices,
     spec: ModelSpec,
     mid: bytes,
-    hits: list[tuple[ChunkKey, CommitRecord]],
-    dest: LayerKV,
+    hit: Hit,
+    dest: list[LayerBytes],
     state: LoadState,
-    layer: int,
     j: int,
+    split: bool,
 ) -> None:
-    """One layer object of one chunk; a failure other than damage is kept and fails the whole load."""
+    """Chunk ``j`` of a load: damage ends the hit before it; any other failure fails the whole load."""
+    path = data_path(chunk_prefix(mid, hit.key.digest))
+    flat = [b for pair in dest for b in pair]
     try:
-        await store._load_layer(spec, mid, hits, j, layer, dest, state)
+        if j >= state.first_bad:
+            return
+        waiter = services.shared.follow(path, flat)
+        if waiter is not None and await waiter:  # another load's read in flight filled our buffers
+            state.progress(j, spec.num_layers)
+            return
+        # Owner of the read, or a follower whose owner failed: read it here (unshared, so no second wait).
+        owner, delivered = waiter is None, False
+        try:
+            size = await services.reader.read_chunk(
+                spec, mid, hit, dest, split=split, progress=lambda n: state.progress(j, n)
+            )
+            state.bytes_read += size
+            if owner:
+                services.counters.reads_shared += services.shared.deliver(path, flat)
+                delivered = True
+        finally:
+            if owner and not delivered:
+                services.shared.abandon(path)
+    except (IntegrityError, FormatVersionError) as exc:
+        state.fail(j, exc, damage=True)
+    except ObjectNotFoundError as exc:  # deleted since the HEAD (GC, repair): a shorter hit, not damage
+        state.fail(j, exc, damage=False)
     except Exception as exc:  # raised to the consumer by LayerStream.__anext__
         if state.failure is None:
             state.failure = exc
         state.first_bad = 0  # issue no more requests
-        return
-    if j < state.first_bad:  # read and verified, and still part of the hit
-        state.layers_left[j] -= 1
-        if state.layers_left[j] == 0:
-            state.chunks_done += 1
+        state.notify()
 
 
 class LoadState:
     """Shared progress of one load: the first damaged chunk cuts off all later work."""
 
-    __slots__ = ("bytes_read", "chunks_done", "cut", "damaged", "error", "failure", "first_bad", "layers_left")
+    __slots__ = (
+        "_changed",
+        "bytes_read",
+        "chunks_done",
+        "cut",
+        "damage",
+        "damaged",
+        "error",
+        "failure",
+        "first_bad",
+        "layers_done",
+        "num_layers",
+    )
 
     def __init__(self) -> None:
         self.first_bad = 0
         self.cut = 0  # the first damaged chunk (first_bad also drops to 0 when a request fails)
         self.bytes_read = 0
         self.damaged = 0
+        self.damage = False  # the cut is damage (not a chunk deleted since the HEAD)
         self.error: BaseException | None = None
         self.failure: BaseException | None = None  # not damage: the store failed a request
-        self.layers_left: list[int] = []  # per chunk: layers not yet read
+        self.layers_done: list[int] = []  # per chunk: leading layers read and verified
+        self.num_layers = 0
         self.chunks_done = 0
+        self._changed = asyncio.Event()
 
-    def fail(self, chunk: int, exc: BaseException) -> None:
+    def start(self, num_chunks: int, num_layers: int) -> None:
+        self.first_bad = self.cut = num_chunks
+        self.layers_done = [0] * num_chunks
+        self.num_layers = num_layers
+
+    def notify(self) -> None:
+        self._changed.set()
+
+    def progress(self, chunk: int, layers: int) -> None:
+        """Chunk ``chunk`` has its first ``layers`` layers complete."""
+        if chunk >= self.first_bad or layers <= self.layers_done[chunk]:
+            return
+        self.layers_done[chunk] = layers
+        if layers == self.num_layers:
+            self.chunks_done += 1
+        self.notify()
+
+    def fail(self, chunk: int, exc: BaseException, *, damage: bool) -> None:
         if chunk < self.first_bad:
-            self.first_bad, self.error = chunk, exc
+            self.first_bad, self.error, self.damage = chunk, exc, damage
+            self.damaged = int(damage and not isinstance(exc, FormatVersionError))
         self.cut = min(self.cut, chunk)
+        self.notify()
+
+    async def wait_layer(self, layer: int) -> None:
+        """Until ``layer`` is complete in every chunk still part of the hit (or the load failed)."""
+        while self.failure is None and any(d <= layer for d in self.layers_done[: self.first_bad]):
+            self._changed.clear()
+            await self._changed.wait()

@@ -18,6 +18,8 @@ import torch
 
 from kvstore.errors import KVStoreError
 from kvstore.results import LoadResult
+from kvstore.spec import ModelSpec
+from kvstore.tensors import empty_kv
 
 __all__ = ["PrefetchBuffer", "PrefetchHandle", "PrefetchKey", "prefetch_key"]
 
@@ -41,6 +43,8 @@ class Loader(Protocol):
     def bytes_read(self) -> int: ...
 
     async def collect(self) -> LoadResult: ...
+
+    def completed(self) -> LoadResult: ...
 
 
 class PrefetchHandle:
@@ -88,12 +92,26 @@ class PrefetchHandle:
     def __await__(self) -> Generator[Any, None, LoadResult]:
         return asyncio.shield(self._future).__await__()
 
-    async def join(self) -> LoadResult | None:
+    def completed(self, spec: ModelSpec, device: torch.device) -> LoadResult:
+        """What the prefetch has read and verified so far (the leading complete chunks), as a ``LoadResult``."""
+        if self._future.done() and not self._future.cancelled() and self._future.exception() is None:
+            return self._future.result()
+        if self._loader is None:
+            return LoadResult(0, empty_kv(spec, device), 0, 0, 0)
+        return self._loader.completed()
+
+    async def join(self, timeout: float | None = None) -> LoadResult | None:  # noqa: ASYNC109
         """Await a claimed prefetch as its new owner: None when it failed or was cancelled, so the caller loads.
 
-        If the caller is cancelled meanwhile, the prefetch is cancelled too and awaited.
+        None as well when ``timeout`` seconds pass first; the prefetch then runs
+        on (``done()`` is False) for others who await it. If the caller is
+        cancelled meanwhile, the prefetch is cancelled too and awaited.
         """
         try:
+            if timeout is not None:
+                await asyncio.wait([self._future], timeout=timeout)
+                if not self._future.done():
+                    return None
             return await asyncio.shield(self._future)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -148,6 +166,12 @@ class PrefetchBuffer:
         if handle is not None:
             self.used -= handle.nbytes
         return handle
+
+    def put_back(self, handle: PrefetchHandle) -> None:
+        """Return a claimed prefetch that is still running, so a later load can claim it again."""
+        if not handle.done() and handle._key not in self._entries:
+            self._entries[handle._key] = handle
+            self.used += handle.nbytes
 
     def _remove(self, handle: PrefetchHandle) -> None:
         if self._entries.get(handle._key) is handle:

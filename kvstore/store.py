@@ -10,50 +10,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
-import blake3
 import numpy as np
 import torch
 
 from kvstore._tasks import run_all
-from kvstore.errors import (
-    FormatVersionError,
-    IntegrityError,
-    InvalidInputError,
-    ModelRetiredError,
-    ObjectNotFoundError,
-    StoreUnavailableError,
-)
+from kvstore.errors import InvalidInputError, ModelRetiredError, StoreUnavailableError
 from kvstore.fetching import SharedReads
 from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
 from kvstore.formats.dtypes import dtype_info
-from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, next_key, normalize_tokens
+from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, normalize_tokens
 from kvstore.formats.layout import (
     MODELS_DIR,
     ZARR_JSON,
     chunk_prefix,
-    commit_path,
-    layer_path,
+    data_path,
     model_record_path,
-    parse_tail_marker,
     retirement_record_path,
     tails_prefix,
     zarr_array_metadata,
 )
-from kvstore.formats.records import CommitRecord, ModelRecord
+from kvstore.formats.records import ChunkHeader, ModelRecord
+from kvstore.formats.shard import data_object, encode_layers
 from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES, Stagings
-from kvstore.loading import LayerStream, LoadState
+from kvstore.loading import LayerStream, LoadServices
 from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
+from kvstore.reading import ChunkReader
 from kvstore.registry import Registry, read_registry, retire_models
+from kvstore.requests import Counters, Requests
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.storage.resilient import RetryStats
 from kvstore.storage.tiers import TierStats
-from kvstore.tensors import byte_view, check_kv, empty_kv
+from kvstore.tensors import byte_view, check_kv
 from kvstore.writeback import SaveHandle, WriteBack
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "KVStore", "StoreOptions"]
@@ -64,8 +57,6 @@ DEFAULT_CHUNK_TOKENS = 256
 
 LIVE_CHECK_TTL = 60.0
 """Seconds a store trusts that a model version is not retired before checking again (one HEAD)."""
-
-R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,27 +97,6 @@ class StoreOptions:
             raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
 
 
-@dataclass(slots=True)
-class _Counters:
-    saves: int = 0
-    loads: int = 0
-    lookups: int = 0
-    chunks_written: int = 0
-    chunks_skipped: int = 0
-    chunks_loaded: int = 0
-    chunks_damaged: int = 0
-    bytes_written: int = 0
-    bytes_read: int = 0
-    requests_get: int = 0
-    requests_put: int = 0
-    requests_head: int = 0
-    requests_delete: int = 0
-    requests_list: int = 0
-    read_errors: int = 0
-    loads_timed_out: int = 0
-    reads_shared: int = 0
-
-
 def _check_spec(spec: object) -> ModelSpec:
     if not isinstance(spec, ModelSpec):
         raise InvalidInputError(f"spec must be a kvstore.ModelSpec, got {type(spec).__name__}")
@@ -144,14 +114,6 @@ def _device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def _digest(parts: Sequence[memoryview]) -> bytes:
-    h = blake3.blake3()
-    for part in parts:
-        h.update(part)
-    digest: bytes = h.digest()
-    return digest
-
-
 class KVStore:
     """An open store. Create it with ``await kvstore.open(url)``; close it with ``close()``."""
 
@@ -159,14 +121,15 @@ class KVStore:
         self._backend = backend
         self.options = options
         self._codec: Codec = get_codec(options.codec)
-        self._limit = asyncio.Semaphore(options.max_concurrency)
-        self._counters = _Counters()
+        self._counters = Counters()
+        self._requests = Requests(backend, options.max_concurrency, self._counters)
+        self._reader = ChunkReader(self._requests, options.chunk_tokens, verify=options.verify, repair=options.repair)
         self._known_models: set[bytes] = set()
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
         self._writeback = WriteBack(options.writeback_budget)
         self._stagings = Stagings(options.pinned_pool_bytes)
-        self._shared_reads = SharedReads()
+        self._loads = LoadServices(self._reader, SharedReads(), self._stagings, self._counters)
         self._closed = False
 
     @property
@@ -193,23 +156,6 @@ class KVStore:
             extra.update(pinned_bytes=ps.allocated_bytes, pinned_reuses=ps.reuses, pinned_overflows=ps.overflows)
         return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)}, **extra)
 
-    # ------------------------------------------------------------------ requests
-
-    async def _head(self, key: str) -> bool:
-        async with self._limit:
-            self._counters.requests_head += 1
-            return await self._backend.head(key) is not None
-
-    async def _get(self, key: str) -> bytes:
-        async with self._limit:
-            self._counters.requests_get += 1
-            return await self._backend.get(key)
-
-    async def _put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
-        async with self._limit:
-            self._counters.requests_put += 1
-            return await self._backend.put(key, data, create_only=create_only)
-
     def _check_open(self) -> None:
         if self._closed:
             raise StoreUnavailableError(f"{self.url}: the store is closed")
@@ -222,62 +168,27 @@ class KVStore:
     async def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
         """Number of leading tokens whose KV is cached, without moving tensor data.
 
-        One concurrent round of existence checks; when the chain stops short,
-        one listing finds a saved partial chunk that the query extends.
+        One concurrent round of HEADs; when the chain stops short, one listing
+        finds a saved partial chunk that the query extends.
         """
         self._check_open()
         spec = _check_spec(spec)
         arr = normalize_tokens(tokens)
         self._counters.lookups += 1
         mid = model_id(spec)
-
-        async def probe(key: ChunkKey) -> bool | None:
-            return True if await self._head(commit_path(chunk_prefix(mid, key.digest))) else None
-
         pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
         held = pending.num_tokens if pending else 0
         if held == len(arr):
             return held
         try:
-            hits = await self._find_chain(spec, mid, arr, probe)
+            hits = await self._reader.find_chain(spec, mid, arr)
         except StoreUnavailableError as exc:
             if not self.options.fail_open:
                 raise
             self._counters.read_errors += 1
             logger.warning("lookup of %s failed open: %s", spec.label, exc)
             return held
-        return max(held, hits[-1][0].end if hits else 0)
-
-    async def _find_chain(
-        self, spec: ModelSpec, mid: bytes, tokens: np.ndarray, probe: Callable[[ChunkKey], Awaitable[R | None]]
-    ) -> list[tuple[ChunkKey, R]]:
-        """The longest run of present chunks from the start, ``probe`` giving None for absent."""
-        keys = self._keys(spec, tokens, include_tail=True)
-        found = await run_all(probe(k) for k in keys)
-        hits: list[tuple[ChunkKey, R]] = []
-        for key, value in zip(keys, found, strict=True):
-            if value is None:
-                break
-            hits.append((key, value))
-        if len(hits) < len(keys):
-            tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], probe)
-            if tail is not None:
-                hits.append(tail)
-        return hits
-
-    async def _find_saved_tail(
-        self, mid: bytes, tokens: np.ndarray, missed: ChunkKey, probe: Callable[[ChunkKey], Awaitable[R | None]]
-    ) -> tuple[ChunkKey, R] | None:
-        """A saved partial chunk shorter than ``missed``, at its position, that ``tokens`` extend."""
-        async with self._limit:
-            self._counters.requests_list += 1
-            listing = [m.key async for m in self._backend.list(tails_prefix(mid, missed.parent))]
-        lengths = sorted({n for k in listing if (n := parse_tail_marker(k)) and n < missed.num_tokens}, reverse=True)
-        candidates = [next_key(missed.parent, missed.index, tokens, missed.start, missed.start + n) for n in lengths]
-        for key, value in zip(candidates, await run_all(probe(c) for c in candidates), strict=True):
-            if value is not None:
-                return key, value
-        return None
+        return max(held, hits[-1].key.end if hits else 0)
 
     # ------------------------------------------------------------------ save
 
@@ -333,37 +244,44 @@ class KVStore:
             return SaveResult(0, 0, 0, 0, 0)
         mid = model_id(spec)
         await self._ensure_model_record(spec, mid)
-        present = await run_all(self._head(commit_path(chunk_prefix(mid, k.digest))) for k in keys)
+        present = [m is not None for m in await run_all(self._requests.head(self._data_key(mid, k)) for k in keys)]
         # Chunks after the first missing one are rewritten, not skipped: while the chain had a gap
         # they were unreachable, and rewriting refreshes their mtime so a concurrent GC's grace
         # period protects them (see "Garbage collection" in docs/FORMAT.md).
         first_gap = present.index(False) if False in present else len(keys)
         missing = keys[first_gap:]
-        written = [(0, 0)]
+        written: list[tuple[int, int]] = []
         if missing:
             base = missing[0].start  # copy only what is written, not the prefix already stored
             async with self._stagings.for_kv(kv).transfers() as transfers:
                 host = await transfers.to_host(kv, base)
-                written = await run_all(self._write_chunk(spec, mid, key, host, base) for key in missing)
+                written = await run_all(
+                    self._write_chunk(spec, mid, key, host, base, refresh=present[first_gap + i])
+                    for i, key in enumerate(missing)
+                )
+        nwritten = sum(1 for _, n in written if n)  # a concurrent writer may have created some first
         nbytes = sum(b for b, _ in written)
-        nobjects = sum(n for _, n in written)
         c = self._counters
-        c.chunks_written += len(missing)
-        c.chunks_skipped += len(keys) - len(missing)
+        c.chunks_written += nwritten
+        c.chunks_skipped += len(keys) - nwritten
         c.bytes_written += nbytes
         return SaveResult(
             num_tokens=keys[-1].end,
-            chunks_written=len(missing),
-            chunks_skipped=len(keys) - len(missing),
+            chunks_written=nwritten,
+            chunks_skipped=len(keys) - nwritten,
             bytes_written=nbytes,
-            objects_written=nobjects,
+            objects_written=sum(n for _, n in written),
         )
+
+    @staticmethod
+    def _data_key(mid: bytes, key: ChunkKey) -> str:
+        return data_path(chunk_prefix(mid, key.digest))
 
     async def _ensure_model_record(self, spec: ModelSpec, mid: bytes) -> None:
         await self._check_live(spec, mid)
         if mid in self._known_models:
             return
-        await self._put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)
+        await self._requests.put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)
         self._known_models.add(mid)
 
     async def _check_live(self, spec: ModelSpec, mid: bytes) -> None:
@@ -371,60 +289,34 @@ class KVStore:
         now = time.monotonic()
         if now - self._live_checked.get(mid, -LIVE_CHECK_TTL) < LIVE_CHECK_TTL:
             return
-        if await self._head(retirement_record_path(mid)):
+        if await self._requests.head(retirement_record_path(mid)):
             raise ModelRetiredError(f"model {spec.label} was retired in {self.url}; save under a new version")
         self._live_checked[mid] = now
 
     async def _write_chunk(
-        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int
+        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int, *, refresh: bool
     ) -> tuple[int, int]:
-        """Write a chunk's layers and zarr metadata, then its commit record; return (bytes, objects)."""
+        """Write a chunk's zarr.json, then its data object (the commit point); return (bytes, objects).
+
+        The data object is written create-only, so of concurrent writers of one
+        chunk the first wins and the others skip it; ``refresh`` (a chunk present
+        after a gap in its chain) overwrites it instead, which renews its mtime.
+        """
         prefix = chunk_prefix(mid, key.digest)
-        token_bytes = spec.row_bytes
-        lo, hi = (key.start - base) * token_bytes, (key.end - base) * token_bytes  # host starts at token `base`
+        row = spec.row_bytes
+        lo, hi = (key.start - base) * row, (key.end - base) * row  # host starts at token `base`
+        layers = [(byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data) for k, v in host]
+        header = ChunkHeader(key.digest, key.parent, key.index, mid, key.num_tokens, spec.num_layers, self._codec.name)
         itemsize = dtype_info(spec.dtype).itemsize
-
-        def parts(layer: int) -> list[memoryview]:
-            k, v = host[layer]
-            return [byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data]
-
-        def encode(layer: int) -> tuple[bytes, bytes]:
-            return self._codec.encode(parts(layer), itemsize), _digest(parts(layer))
-
-        raw = self._codec.name == "none"
-        # Uncompressed: hash every layer of the chunk in one worker call, then write the
-        # tensor memory as is (one thread hop per layer, no concatenation copy).
-        digests = await asyncio.to_thread(lambda: [_digest(parts(i)) for i in range(spec.num_layers)]) if raw else []
-
-        async def write_layer(layer: int) -> tuple[int, bytes]:
-            async with self._limit:
-                self._counters.requests_put += 1
-                if raw:
-                    await self._backend.put_parts(layer_path(prefix, layer), parts(layer))
-                    return 2 * (hi - lo), digests[layer]
-                data, digest = await asyncio.to_thread(encode, layer)
-                await self._backend.put(layer_path(prefix, layer), data)
-            return len(data), digest
-
+        # One worker-thread hop per chunk: checksums (and compression) of every layer.
+        parts = await asyncio.to_thread(lambda: data_object(header, encode_layers(self._codec, layers, itemsize)))
         meta = zarr_array_metadata(spec, key.num_tokens, self._codec.name)
-        results = await run_all(
-            [self._put(prefix + ZARR_JSON, meta), *(write_layer(i) for i in range(spec.num_layers))]
-        )
-        layers: list[tuple[int, bytes]] = results[1:]  # type: ignore[assignment]
-        commit = CommitRecord(
-            key=key.digest,
-            parent=key.parent,
-            index=key.index,
-            model_id=mid,
-            num_tokens=key.num_tokens,
-            codec=self._codec.name,
-            layer_sizes=tuple(size for size, _ in layers),
-            layer_digests=tuple(digest for _, digest in layers),
-        ).to_msgpack()
-        await self._put(commit_path(prefix), commit)
-        nbytes, nobjects = len(meta) + len(commit) + sum(size for size, _ in layers), spec.num_layers + 2
+        await self._requests.put(prefix + ZARR_JSON, meta)
+        if not await self._requests.put_parts(data_path(prefix), parts, create_only=not refresh):
+            return len(meta), 0  # another writer committed it first
+        nbytes, nobjects = len(meta) + sum(len(p) for p in parts), 2
         if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
-            await self._put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
+            await self._requests.put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
             nbytes, nobjects = nbytes + len(key.digest), nobjects + 1
         return nbytes, nobjects
 
@@ -467,16 +359,15 @@ class KVStore:
         pending = self._writeback.match(mid, arr, self.options.chunk_tokens)  # read-your-writes
         claimed = self._prefetches.claim(prefetch_key(mid, arr, dev))
         if claimed is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await claimed.join()
-            except TimeoutError:
+            result = await claimed.join(timeout)
+            if result is None and not claimed.done():  # the deadline passed: what the prefetch has so far
                 self._counters.loads_timed_out += 1
-                return LoadResult(0, empty_kv(spec, dev), 0, 0, 0)
+                self._prefetches.put_back(claimed)  # still running for whoever else awaits it
+                return claimed.completed(spec, dev)
             if result is not None and (pending is None or result.num_tokens >= pending.num_tokens):
                 return result
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        stream = LayerStream(self, spec, mid, arr, dev, pending)
+        stream = LayerStream(self._loads, spec, mid, arr, dev, pending)
         return await stream.collect(timeout=left, fail_open=self.options.fail_open)
 
     def load_prefix_layers(
@@ -493,7 +384,8 @@ class KVStore:
         spec = _check_spec(spec)
         dev = _device(device)
         mid, arr = model_id(spec), normalize_tokens(tokens)
-        return LayerStream(self, spec, mid, arr, dev, self._writeback.match(mid, arr, self.options.chunk_tokens))
+        pending = self._writeback.match(mid, arr, self.options.chunk_tokens)
+        return LayerStream(self._loads, spec, mid, arr, dev, pending, split=True)
 
     def has_prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> bool:
         """Whether a prefetch of exactly these tokens and device waits to be claimed by ``load_prefix``."""
@@ -516,115 +408,8 @@ class KVStore:
         bound = spec.bytes_per_token * len(arr)  # the hit is never longer than the tokens
         pending = self._writeback.match(mid, arr, self.options.chunk_tokens)
         return self._prefetches.start(
-            prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self, spec, mid, arr, dev, pending)
+            prefetch_key(mid, arr, dev), bound, lambda: LayerStream(self._loads, spec, mid, arr, dev, pending)
         )
-
-    async def _read_commit(self, spec: ModelSpec, mid: bytes, key: ChunkKey, state: LoadState) -> CommitRecord | None:
-        """The chunk's commit record if present and valid, else None (damage is reported)."""
-        try:
-            data = await self._get(commit_path(chunk_prefix(mid, key.digest)))
-        except ObjectNotFoundError:
-            return None
-        try:
-            commit = CommitRecord.from_msgpack(data)
-            _check_commit(commit, spec, mid, key)
-        except IntegrityError as exc:
-            await self._report_damage(spec, mid, key, exc, state)
-            return None
-        except FormatVersionError as exc:
-            logger.warning("chunk %s of %s was written in another format: %s", key.hex, spec.label, exc)
-            return None
-        return commit
-
-    async def _load_layer(
-        self,
-        spec: ModelSpec,
-        mid: bytes,
-        hits: list[tuple[ChunkKey, CommitRecord]],
-        j: int,
-        layer: int,
-        dest: LayerKV,
-        state: LoadState,
-    ) -> None:
-        key, commit = hits[j]
-        token_bytes = spec.row_bytes
-        kb = byte_view(dest[0])[key.start * token_bytes : key.end * token_bytes]
-        vb = byte_view(dest[1])[key.start * token_bytes : key.end * token_bytes]
-        path = layer_path(chunk_prefix(mid, key.digest), layer)
-        expected_size = commit.layer_sizes[layer]
-        digest = commit.layer_digests[layer] if self.options.verify else None
-        if j >= state.first_bad:
-            return
-        waiter = self._shared_reads.follow(path, (kb, vb))
-        if waiter is not None and await waiter:  # another load's read in flight filled our buffers
-            return
-        # Owner of the read, or a follower whose owner failed: read it here (unshared, so no second wait).
-        owner, delivered = waiter is None, False
-        try:
-            size = await self._read_layer(path, commit.codec, expected_size, digest, (kb, vb), state, j)
-            if size is None:
-                return
-            state.bytes_read += size
-            if owner:
-                self._counters.reads_shared += self._shared_reads.deliver(path, (kb, vb))
-                delivered = True
-        finally:
-            if owner and not delivered:
-                self._shared_reads.abandon(path)
-
-    async def _read_layer(
-        self,
-        path: str,
-        codec_name: str,
-        expected_size: int,
-        digest: bytes | None,
-        dest: tuple[np.ndarray, np.ndarray],
-        state: LoadState,
-        j: int,
-    ) -> int | None:
-        """Read, verify and decode chunk ``j``'s layer object into ``dest``: its stored size.
-
-        None when nothing was read: the hit already ends before chunk ``j``, or the
-        object is damaged (recorded in ``state``, which ends the hit). Other failures raise.
-        """
-        kb, vb = dest
-        async with self._limit:
-            if j >= state.first_bad:
-                return None
-            self._counters.requests_get += 1
-            try:
-                if codec_name == "none" and self._backend.reads_into_buffers:
-                    buffers = [kb.data, vb.data]
-
-                    def check(size: int) -> None:  # in the reading thread, while the bytes are cache-hot
-                        _check_size(size, expected_size)
-                        if digest is not None:
-                            _verify(buffers, digest)
-
-                    return await self._backend.get_into(path, buffers, then=check)
-                data = await self._backend.get(path)
-                _check_size(len(data), expected_size)
-                codec = get_codec(codec_name, stored=True)
-                await asyncio.to_thread(_decode_into, codec, data, kb, vb, digest)
-                return len(data)
-            except (IntegrityError, ObjectNotFoundError) as exc:
-                state.fail(j, exc)
-                return None
-
-    async def _report_damage(
-        self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None, state: LoadState
-    ) -> None:
-        state.damaged += 1
-        self._counters.chunks_damaged += 1
-        logger.warning("damaged chunk %s (#%d of %s): %s", key.hex, key.index, spec.label, exc)
-        if not self.options.repair:
-            return
-        try:
-            async with self._limit:
-                self._counters.requests_delete += 1
-                await self._backend.delete([commit_path(chunk_prefix(mid, key.digest))])
-        except StoreUnavailableError as err:
-            logger.warning("could not retire damaged chunk %s: %s", key.hex, err)
 
     # ------------------------------------------------------------------ models
 
@@ -652,10 +437,8 @@ class KVStore:
         return retired
 
     async def _registry(self) -> Registry:
-        async with self._limit:
-            self._counters.requests_list += 1
-            listing = [m.key async for m in self._backend.list(MODELS_DIR + "/")]
-        return await read_registry(self._backend, listing=listing, get=self._get)
+        listing = [m.key for m in await self._requests.list(MODELS_DIR + "/")]
+        return await read_registry(self._backend, listing=listing, get=self._requests.get)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -680,31 +463,3 @@ class KVStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _check_commit(commit: CommitRecord, spec: ModelSpec, mid: bytes, key: ChunkKey) -> None:
-    if commit.key != key.digest or commit.parent != key.parent or commit.index != key.index:
-        raise IntegrityError("commit record belongs to another chunk")
-    if commit.model_id != mid or commit.num_tokens != key.num_tokens:
-        raise IntegrityError("commit record does not match the model or the chunk's token count")
-    if len(commit.layer_sizes) != spec.num_layers:
-        raise IntegrityError(f"commit record lists {len(commit.layer_sizes)} layers, the model has {spec.num_layers}")
-    get_codec(commit.codec, stored=True)
-
-
-def _check_size(size: int, expected: int) -> None:
-    if size != expected:
-        raise IntegrityError(f"layer object is {size} bytes, the commit record says {expected}")
-
-
-def _verify(parts: Sequence[memoryview], digest: bytes) -> None:
-    if _digest(parts) != digest:
-        raise IntegrityError("layer checksum mismatch")
-
-
-def _decode_into(codec: Codec, data: bytes, kb: np.ndarray, vb: np.ndarray, digest: bytes | None) -> None:
-    decoded = codec.decode(data, len(kb) + len(vb))
-    if digest is not None:
-        _verify([decoded], digest)
-    kb[:] = np.frombuffer(decoded, np.uint8, len(kb))
-    vb[:] = np.frombuffer(decoded, np.uint8, len(vb), len(kb))

@@ -4,9 +4,9 @@
     models/<model-id>.msgpack                         model record
     models/<model-id>.retired.msgpack                 retirement record (create-only; never rewritten)
     chunks/<model-id>/<k[0:2]>/<k[2:4]>/<key>/        one chunk = one zarr v3 array
-        zarr.json                                     array metadata
-        c.<layer>.0.0.0.0                             layer object: K then V of one layer
-        commit.msgpack                                commit record, written last
+        zarr.json                                     array metadata, written first
+        c.0.0.0.0.0                                   data object: one shard holding every layer; its
+                                                      create-only write commits the chunk
         tails/<n>                                     marker: a partial chunk of n tokens follows this one
 
 Keys and model ids are lower-case hex. The two-level fan-out keeps any one
@@ -25,13 +25,13 @@ from kvstore.spec import ModelSpec
 
 __all__ = [
     "CHUNKS_DIR",
-    "COMMIT_NAME",
+    "DATA_NAME",
     "MODELS_DIR",
     "ROOT_RECORD",
     "ZARR_JSON",
     "chunk_prefix",
-    "commit_path",
-    "layer_path",
+    "data_path",
+    "is_cacheable",
     "model_chunks_prefix",
     "model_record_path",
     "parse_tail_marker",
@@ -44,7 +44,7 @@ ROOT_RECORD = "kvstore.msgpack"
 MODELS_DIR = "models"
 CHUNKS_DIR = "chunks"
 ZARR_JSON = "zarr.json"
-COMMIT_NAME = "commit.msgpack"
+DATA_NAME = "c.0.0.0.0.0"
 TAILS_DIR = "tails"
 DIMENSION_NAMES = ("layer", "kv", "token", "head", "dim")
 
@@ -67,13 +67,19 @@ def chunk_prefix(model_id: bytes, key: bytes) -> str:
     return f"{CHUNKS_DIR}/{model_id.hex()}/{h[0:2]}/{h[2:4]}/{h}/"
 
 
-def layer_path(chunk: str, layer: int) -> str:
-    """Path of a layer object: zarr's default chunk key for grid position (layer, 0, 0, 0, 0)."""
-    return f"{chunk}c.{layer}.0.0.0.0"
+def data_path(chunk: str) -> str:
+    """Path of a chunk's data object: zarr's default chunk key of the one shard, grid position (0, 0, 0, 0, 0)."""
+    return f"{chunk}{DATA_NAME}"
 
 
-def commit_path(chunk: str) -> str:
-    return f"{chunk}{COMMIT_NAME}"
+def is_cacheable(key: str) -> bool:
+    """Whether a cache tier may serve ``key`` without asking the source.
+
+    Only a chunk's data object and its zarr.json: content-addressed, never
+    rewritten with other bytes. Records (root, models, retirements) and tail
+    markers can appear or disappear, so they always come from the source.
+    """
+    return key.startswith(f"{CHUNKS_DIR}/") and (key.endswith(f"/{DATA_NAME}") or key.endswith(f"/{ZARR_JSON}"))
 
 
 def tails_prefix(model_id: bytes, parent: bytes) -> str:
@@ -93,18 +99,29 @@ def parse_tail_marker(key: str) -> int | None:
 
 @lru_cache(maxsize=256)
 def zarr_array_metadata(spec: ModelSpec, num_tokens: int, codec: str) -> bytes:
-    """The ``zarr.json`` of a chunk: shape [layers, 2, tokens, heads, dim], one zarr chunk per layer."""
+    """The ``zarr.json`` of a chunk: shape [layers, 2, tokens, heads, dim] in one shard, one inner chunk per layer."""
     info = dtype_info(spec.dtype)
-    chunk_shape = [1, 2, num_tokens, spec.num_kv_heads, spec.head_dim]
+    shape = [spec.num_layers, 2, num_tokens, spec.num_kv_heads, spec.head_dim]
+    inner = [1, *shape[1:]]
+    checksum = {"name": "crc32c"}
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": inner,
+            "codecs": [*get_codec(codec).zarr_codecs(info.itemsize), checksum],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, checksum],
+            "index_location": "start",
+        },
+    }
     meta = {
         "zarr_format": 3,
         "node_type": "array",
-        "shape": [spec.num_layers, *chunk_shape[1:]],
+        "shape": shape,
         "data_type": info.zarr_data_type,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shape}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": 0,
-        "codecs": get_codec(codec).zarr_codecs(info.itemsize),
+        "codecs": [sharding],
         "attributes": {
             "kvstore": {
                 "format": FORMAT_VERSION,

@@ -21,11 +21,11 @@ from kvstore.formats.dtypes import dtype_info_by_name
 from kvstore.formats.keys import model_id as derive_model_id
 from kvstore.spec import MAX_DIM, MAX_LAYERS, ModelSpec
 
-__all__ = ["CommitRecord", "ModelRecord", "RetirementRecord", "RootRecord", "STORE_MAGIC"]
+__all__ = ["ChunkHeader", "ModelRecord", "RetirementRecord", "RootRecord", "STORE_MAGIC"]
 
 STORE_MAGIC = "kvstore"
 _MAX_SMALL_RECORD = 64 * 1024
-_MAX_COMMIT_RECORD = 4 * 1024 * 1024  # MAX_LAYERS layers of (size, 32-byte digest) fit
+_MAX_CHUNK_HEADER = 4096 - 4  # the header frame (msgpack + crc32c) is at most 4096 bytes
 
 T = TypeVar("T")
 
@@ -153,11 +153,11 @@ class ModelRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class CommitRecord:
-    """Written last: its presence makes a chunk visible, and it carries the checksums.
+class ChunkHeader:
+    """Inside every data object: binds its bytes to the chunk's key, chain position, model, size and codec.
 
-    ``layer_sizes[l]`` is the stored (encoded) size of layer l's object and
-    ``layer_digests[l]`` the blake3 digest of its decoded bytes (K then V).
+    A data object found under a key it does not name (copied, misplaced, or
+    served by a confused cache) is damage, never a hit.
     """
 
     key: bytes
@@ -165,9 +165,8 @@ class CommitRecord:
     index: int
     model_id: bytes
     num_tokens: int
+    num_layers: int
     codec: str
-    layer_sizes: tuple[int, ...]
-    layer_digests: tuple[bytes, ...]
     created: float = field(default_factory=time.time)
 
     def to_msgpack(self) -> bytes:
@@ -179,37 +178,27 @@ class CommitRecord:
                 "index": self.index,
                 "model": self.model_id,
                 "tokens": self.num_tokens,
+                "layers": self.num_layers,
                 "codec": self.codec,
-                "layer_sizes": list(self.layer_sizes),
-                "layer_digests": list(self.layer_digests),
                 "created": self.created,
             }
         )
 
     @classmethod
-    def from_msgpack(cls, data: bytes) -> CommitRecord:
-        k = "commit"
-        obj = _unpack(data, _MAX_COMMIT_RECORD, k)
+    def from_msgpack(cls, data: bytes) -> ChunkHeader:
+        k = "chunk header"
+        obj = _unpack(data, _MAX_CHUNK_HEADER, k)
         key, parent, model = (_get(obj, f, bytes, k) for f in ("key", "parent", "model"))
         if len(key) != 32 or len(parent) != 32 or len(model) != 16:
-            raise IntegrityError("commit record key/parent/model have wrong lengths")
-        sizes = _get(obj, "layer_sizes", list, k)
-        digests = _get(obj, "layer_digests", list, k)
-        if not 0 < len(sizes) <= MAX_LAYERS or len(sizes) != len(digests):
-            raise IntegrityError("commit record layer lists are empty or of different lengths")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in sizes):
-            raise IntegrityError("commit record layer sizes are invalid")
-        if not all(isinstance(d, bytes) and len(d) == 32 for d in digests):
-            raise IntegrityError("commit record layer digests are invalid")
+            raise IntegrityError("chunk header key/parent/model have wrong lengths")
         return cls(
             key=key,
             parent=parent,
             index=_get_int(obj, "index", k, 0, 1 << 40),
             model_id=model,
             num_tokens=_get_int(obj, "tokens", k, 1, 1 << 24),
+            num_layers=_get_int(obj, "layers", k, 1, MAX_LAYERS),
             codec=_get(obj, "codec", str, k),
-            layer_sizes=tuple(sizes),
-            layer_digests=tuple(digests),
             created=_get_number(obj, "created", k),
         )
 

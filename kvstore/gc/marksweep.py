@@ -1,13 +1,13 @@
 """Mark and sweep: find every chunk reachable from a live model version, delete old objects that are not.
 
 Roots are the live model versions (a model record and no retirement record).
-A chunk is reachable when its model is live, its commit record is present and
-valid, and its parent is the model's chain root or a reachable chunk. A tail
+A chunk is reachable when its model is live, its data object is present with
+a valid index and header, and its parent is the model's chain root or a reachable chunk. A tail
 marker ``<P>/tails/<n>`` is kept while a reachable chunk with parent P has n
 tokens. Everything else under ``chunks/`` is garbage, and garbage is deleted
 only when its modification time is older than ``grace`` before the run began.
 
-Two listings: the first reads the commit records of live models (the mark),
+Two listings: the first reads the data objects' headers of live models (the mark),
 the second decides and deletes object by object (the sweep). The mark set is
 held as sorted arrays of 64-bit digest prefixes; a prefix collision can only
 keep garbage, never drop a reachable chunk. The safety argument is in
@@ -33,10 +33,10 @@ from kvstore.errors import (
     ObjectNotFoundError,
 )
 from kvstore.formats.keys import key_root
-from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME, parse_tail_marker
-from kvstore.formats.records import CommitRecord
+from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker
 from kvstore.gc.bulk import BulkOps, open_bulk_ops
 from kvstore.gc.report import GCProgress, GCReport, ModelUsage
+from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
@@ -180,7 +180,7 @@ async def mark_and_sweep(
 ) -> GCReport:
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
-    Uses only list, head, get (root, model and commit records) and delete. Safe
+    Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Safe
     to interrupt at any point: every deletion targets garbage, and running again
     finishes the job. Deletions that fail are counted and sampled in the report.
     """
@@ -200,7 +200,8 @@ async def mark_and_sweep(
     retired = {m.model_id.hex() for m in registry.models if m.retired}
     protected = {mid.hex(): why for mid, why in registry.unreadable.items()}
 
-    commits = await _mark_listing(backend, bulk, set(live), protected, report, prog, concurrency)
+    layers = {mid: m.spec.num_layers for mid, m in live.items()}
+    commits = await _mark_listing(backend, bulk, layers, protected, report, prog, concurrency)
     marks = _marks({m: c for m, c in commits.items() if m not in protected}, roots, root.chunk_tokens)
     report.chunks_reachable = len(marks.reachable)
     report.protected_models = dict(protected)
@@ -221,28 +222,29 @@ def _seed_models(report: GCReport, registry: Registry) -> None:
 async def _mark_listing(
     backend: ObjectStore,
     bulk: BulkOps,
-    live: set[str],
+    live: dict[str, int],
     protected: dict[str, str],
     report: GCReport,
     prog: GCProgress,
     concurrency: int,
 ) -> dict[str, _Commits]:
-    """First listing: read (concurrently, bounded) the commit record of every chunk of a live model."""
+    """First listing: read (concurrently, bounded) the header of every data object of a live model.
+
+    ``live`` maps each live model id (hex) to its number of layers.
+    """
     commits: dict[str, _Commits] = {}
     limit = asyncio.Semaphore(concurrency)
 
-    async def read(mid: str, khex: str, key: str) -> None:
+    async def read(mid: str, khex: str, key: str, size: int) -> None:
         try:
             try:
-                data = await backend.get(key)
+                rec = (await read_head(backend, key, live[mid], size)).header
             except ObjectNotFoundError:  # deleted since it was listed: not committed
                 return
-            try:
-                rec = CommitRecord.from_msgpack(data)
             except IntegrityError:
                 return
             except FormatVersionError as exc:  # a newer writer: leave its model's objects alone
-                protected.setdefault(mid, f"commit record in another format version: {exc}")
+                protected.setdefault(mid, f"chunk header in another format version: {exc}")
                 return
             if rec.key.hex() != khex or rec.model_id.hex() != mid:
                 return
@@ -266,13 +268,13 @@ async def _mark_listing(
             if batch == 1000:
                 prog.advance("list", batch)
                 batch = 0
-            if not meta.key.endswith(COMMIT_NAME):
+            if not meta.key.endswith(DATA_NAME):
                 continue
             parts = split_chunk_key(meta.key)
-            if parts is None or parts[2] != COMMIT_NAME or parts[0] not in live:
+            if parts is None or parts[2] != DATA_NAME or parts[0] not in live:
                 continue
             await limit.acquire()  # back-pressure: the listing waits while `concurrency` reads are pending
-            tg.create_task(read(parts[0], parts[1], meta.key))
+            tg.create_task(read(parts[0], parts[1], meta.key, meta.size))
         prog.advance("list", batch)
     prog.finish("list")
     prog.finish("read")
@@ -343,7 +345,7 @@ class _Sweep:
         cached = self._rechecked.get(chunk)
         if cached is None:
             mid, khex = chunk
-            path = f"{CHUNKS_DIR}/{mid}/{khex[0:2]}/{khex[2:4]}/{khex}/{COMMIT_NAME}"
+            path = f"{CHUNKS_DIR}/{mid}/{khex[0:2]}/{khex[2:4]}/{khex}/{DATA_NAME}"
             meta = await self.backend.head(path)
             cached = meta is None or meta.mtime is None or meta.mtime < self.report.cutoff
             if len(self._rechecked) > 100_000:

@@ -16,11 +16,10 @@ from typing import Any
 
 from kvstore._tasks import task_group
 from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError
-from kvstore.formats.dtypes import dtype_info
-from kvstore.formats.layout import CHUNKS_DIR, COMMIT_NAME
-from kvstore.formats.records import CommitRecord
+from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME
 from kvstore.gc.marksweep import split_chunk_key
 from kvstore.gc.report import GCProgress
+from kvstore.reading import read_head
 from kvstore.registry import read_registry, read_root_record
 from kvstore.results import ModelInfo
 from kvstore.storage import ObjectStore
@@ -132,18 +131,18 @@ async def scan_usage(
             report.chunk_size_histogram[max(current_bytes - 1, 0).bit_length()] += 1
             report.chunk_dirs += 1
 
-    async def sample_commit(stats: ModelStats, info: ModelInfo, key: str) -> None:
+    async def sample_chunk(stats: ModelStats, info: ModelInfo, key: str, size: int) -> None:
         try:
-            rec = CommitRecord.from_msgpack(await backend.get(key))
+            head = await read_head(backend, key, info.spec.num_layers, size)
         except (ObjectNotFoundError, IntegrityError, FormatVersionError):
             return
         finally:
             limit.release()
-        token_bytes = 2 * info.spec.num_kv_heads * info.spec.head_dim * dtype_info(info.spec.dtype).itemsize
+        tokens = head.header.num_tokens
         stats.sampled_chunks += 1
-        stats.sampled_tokens += rec.num_tokens
-        stats.sampled_stored_bytes += sum(rec.layer_sizes)
-        stats.sampled_raw_bytes += rec.num_tokens * token_bytes * len(rec.layer_sizes)
+        stats.sampled_tokens += tokens
+        stats.sampled_stored_bytes += sum(span.nbytes for span in head.spans)
+        stats.sampled_raw_bytes += tokens * info.spec.row_bytes * 2 * len(head.spans)
 
     if progress is not None:
         progress.start("list", None)
@@ -168,12 +167,12 @@ async def scan_usage(
             stats.bytes += meta.size
             if meta.mtime is not None:
                 stats.last_write = max(stats.last_write or -math.inf, meta.mtime)
-            if rest == COMMIT_NAME:
+            if rest == DATA_NAME:
                 stats.chunks += 1
                 info = infos.get(mid)
                 if info is not None and stats.chunks <= sample:
                     await limit.acquire()
-                    tg.create_task(sample_commit(stats, info, meta.key))
+                    tg.create_task(sample_chunk(stats, info, meta.key, meta.size))
         close_chunk()
     if progress is not None:
         progress.finish("list")

@@ -36,7 +36,12 @@ class ObjectStore(ABC):
 
     url: str
     reads_into_buffers: bool = False
-    """True when ``get_into`` reads straight into caller memory (no intermediate copy)."""
+    """True when ``get_into`` / ``get_range_into`` read straight into caller memory (no intermediate copy)."""
+    has_cache_tiers: bool = False
+    """True when some reads may be served by a cache tier in front of the source (see ``drop_cached``)."""
+
+    async def drop_cached(self, key: str) -> None:  # noqa: B027 - optional hook with a default
+        """Forget any cached copy of ``key`` so the next read comes from the source (no-op without tiers)."""
 
     @abstractmethod
     async def get(self, key: str) -> bytes:
@@ -67,13 +72,42 @@ class ObjectStore(ABC):
         await asyncio.to_thread(fill)
         return len(data)
 
-    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
-        """Store the concatenation of ``parts`` at ``key`` (overwrite), atomically for readers.
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (fewer if it is shorter); ObjectNotFoundError if absent.
+
+        Backends that can read a range without the whole object (S3's Range
+        header, ``pread``) override this.
+        """
+        return (await self.get(key))[start:end]
+
+    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+        """Fill ``buffers`` in order from the object's bytes at ``start``; return how many bytes were filled.
+
+        Fewer than the buffers hold means the object ended first. Backends that
+        can scatter a read into caller memory (``preadv``) override this.
+        """
+        total = sum(len(b) for b in buffers)
+        data = memoryview(await self.get_range(key, start, start + total))
+
+        def fill() -> None:
+            offset = 0
+            for buf in buffers:
+                n = min(len(buf), len(data) - offset)
+                if n <= 0:
+                    break
+                buf[:n] = data[offset : offset + n]
+                offset += n
+
+        await asyncio.to_thread(fill)
+        return min(total, len(data))
+
+    async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
+        """Store the concatenation of ``parts`` at ``key``, atomically for readers (``create_only`` as in ``put``).
 
         Backends that can write from several buffers (``writev``) override this
         to skip the concatenation copy.
         """
-        await self.put(key, b"".join(parts))
+        return await self.put(key, b"".join(parts), create_only=create_only)
 
     @abstractmethod
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:

@@ -54,6 +54,13 @@ class FsspecObjectStore(ObjectStore):
             data = await self._call("cat_file", self._path(key))
         return bytes(data)
 
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        with translate_errors(self.url, key):
+            data = await self._call("cat_file", self._path(key), start=start, end=end)
+        return bytes(data)
+
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         path = self._path(key)
         with translate_errors(self.url, key):

@@ -190,8 +190,14 @@ class ResilientObjectStore(ObjectStore):
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         return await self._request(key, lambda: self.inner.put(key, data, create_only=create_only))
 
-    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
-        await self._request(key, lambda: self.inner.put_parts(key, parts))
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        return await self._request(key, lambda: self.inner.get_range(key, start, end))
+
+    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+        return await self._request(key, lambda: self.inner.get_range_into(key, start, buffers))
+
+    async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
+        return await self._request(key, lambda: self.inner.put_parts(key, parts, create_only=create_only))
 
     async def head(self, key: str) -> ObjectMeta | None:
         return await self._request(key, lambda: self.inner.head(key))

@@ -125,13 +125,14 @@ class TieredObjectStore(ObjectStore):
             self._memory.discard(key)
         return written
 
-    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
-        await self.source.put_parts(key, parts)
-        if self.disk is not None:
+    async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
+        written = await self.source.put_parts(key, parts, create_only=create_only)
+        if written and self.disk is not None:
             with contextlib.suppress(KVStoreError):
                 await self.disk.put_parts(key, parts)
         if self._memory is not None:
             self._memory.discard(key)
+        return written
 
     async def head(self, key: str) -> ObjectMeta | None:
         """Existence is the source's answer: retirement, GC and repair act there."""

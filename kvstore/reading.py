@@ -1,0 +1,256 @@
+"""The read path: find a prompt's chain of stored chunks, read and verify their data objects, report damage.
+
+``lookup`` and every load go through ``ChunkReader``: one concurrent round of
+HEADs finds how far the chain goes (and one LIST finds a saved partial chunk
+when it stops short); each chunk is then read with one request (a whole load)
+or two byte ranges (a layer-pipelined load: the index, the header and layer 0
+first). Every layer's crc32c is checked before its bytes count as loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from kvstore._tasks import run_all
+from kvstore.errors import FormatVersionError, IntegrityError, StoreUnavailableError
+from kvstore.formats.codecs import Codec, get_codec
+from kvstore.formats.keys import ChunkKey, chunk_keys, next_key
+from kvstore.formats.layout import chunk_prefix, data_path, parse_tail_marker, tails_prefix
+from kvstore.formats.shard import (
+    CRC_BYTES,
+    ShardHead,
+    check_layer,
+    decode_layer,
+    head_bytes,
+    parse_head,
+)
+from kvstore.requests import Requests
+from kvstore.spec import ModelSpec
+
+__all__ = ["ChunkReader", "Hit", "LayerBytes", "check_chunk_head", "chunk_codec", "read_head"]
+
+logger = logging.getLogger("kvstore")
+
+R = TypeVar("R")
+
+LayerBytes = tuple[np.ndarray, np.ndarray]
+"""One layer's destination in a load: flat uint8 views of the chunk's K rows and V rows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A chunk found present: its key and its data object's size."""
+
+    key: ChunkKey
+    size: int
+
+
+def check_chunk_head(head: ShardHead, spec: ModelSpec, mid: bytes, key: ChunkKey) -> Codec:
+    """The codec of a data object whose header names exactly this chunk; IntegrityError otherwise.
+
+    A codec this version does not know raises FormatVersionError (a newer writer, not damage).
+    """
+    h = head.header
+    if h.key != key.digest or h.parent != key.parent or h.index != key.index:
+        raise IntegrityError("data object belongs to another chunk")
+    if h.model_id != mid or h.num_tokens != key.num_tokens:
+        raise IntegrityError("data object does not match the model or the chunk's token count")
+    return chunk_codec(head, spec)
+
+
+def chunk_codec(head: ShardHead, spec: ModelSpec) -> Codec:
+    """The codec a data object's header names, checked against the layer sizes it implies."""
+    codec = get_codec(head.header.codec, stored=True)
+    raw = 2 * head.header.num_tokens * spec.row_bytes + CRC_BYTES
+    if codec.name == "none" and any(s.nbytes != raw for s in head.spans):
+        raise IntegrityError("an uncompressed layer has the wrong size")
+    return codec
+
+
+class RangeReader(Protocol):
+    async def get_range(self, key: str, start: int, end: int) -> bytes: ...
+
+
+async def read_head(store: RangeReader, path: str, num_layers: int, size: int) -> ShardHead:
+    """Read and parse a data object's index and header (one ranged GET); IntegrityError when damaged."""
+    return parse_head(await store.get_range(path, 0, min(size, head_bytes(num_layers))), num_layers, size)
+
+
+class ChunkReader:
+    """Finds, reads and verifies chunks for one store; counts through its ``Requests``."""
+
+    def __init__(self, requests: Requests, chunk_tokens: int, *, verify: bool, repair: bool) -> None:
+        self.requests = requests
+        self.chunk_tokens = chunk_tokens
+        self.verify = verify
+        self.repair = repair
+
+    # ------------------------------------------------------------------ finding the chain
+
+    async def find_chain(self, spec: ModelSpec, mid: bytes, tokens: np.ndarray) -> list[Hit]:
+        """The longest run of present chunks from the start (one round of HEADs, one LIST if it stops short)."""
+
+        async def probe(key: ChunkKey) -> int | None:
+            meta = await self.requests.head(data_path(chunk_prefix(mid, key.digest)))
+            return None if meta is None else meta.size
+
+        keys = chunk_keys(spec, tokens, self.chunk_tokens, include_tail=True)
+        found = await run_all(probe(k) for k in keys)
+        hits: list[Hit] = []
+        for key, size in zip(keys, found, strict=True):
+            if size is None:
+                break
+            hits.append(Hit(key, size))
+        if len(hits) < len(keys):
+            tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], probe)
+            if tail is not None:
+                hits.append(Hit(*tail))
+        return hits
+
+    async def _find_saved_tail(
+        self, mid: bytes, tokens: np.ndarray, missed: ChunkKey, probe: Callable[[ChunkKey], Awaitable[R | None]]
+    ) -> tuple[ChunkKey, R] | None:
+        """A saved partial chunk shorter than ``missed``, at its position, that ``tokens`` extend."""
+        listing = await self.requests.list(tails_prefix(mid, missed.parent))
+        lengths = sorted(
+            {n for m in listing if (n := parse_tail_marker(m.key)) and n < missed.num_tokens}, reverse=True
+        )
+        candidates = [next_key(missed.parent, missed.index, tokens, missed.start, missed.start + n) for n in lengths]
+        for key, value in zip(candidates, await run_all(probe(c) for c in candidates), strict=True):
+            if value is not None:
+                return key, value
+        return None
+
+    # ------------------------------------------------------------------ reading a chunk
+
+    async def read_chunk(
+        self,
+        spec: ModelSpec,
+        mid: bytes,
+        hit: Hit,
+        dest: list[LayerBytes],
+        *,
+        split: bool,
+        progress: Callable[[int], None],
+    ) -> int:
+        """Read, verify and decode chunk ``hit`` into ``dest`` (one (K, V) byte pair per layer): bytes read.
+
+        ``progress(n)`` is called whenever the first ``n`` layers are complete.
+        With ``split`` layer 0 comes from a first, small read so that it is usable
+        early. Damage raises IntegrityError; a copy served by a cache tier is
+        dropped and read again from the source first, so only the source's own
+        damage is reported.
+        """
+        path = data_path(chunk_prefix(mid, hit.key.digest))
+        try:
+            return await self._read(spec, mid, hit, path, dest, split, progress)
+        except IntegrityError:
+            backend = self.requests.backend
+            if not backend.has_cache_tiers:
+                raise
+        self.requests.counters.cache_rereads += 1
+        await backend.drop_cached(path)
+        return await self._read(spec, mid, hit, path, dest, split, progress)
+
+    async def _read(
+        self,
+        spec: ModelSpec,
+        mid: bytes,
+        hit: Hit,
+        path: str,
+        dest: list[LayerBytes],
+        split: bool,
+        progress: Callable[[int], None],
+    ) -> int:
+        req, nl = self.requests, spec.num_layers
+        if req.reads_into_buffers:
+            head = await read_head(req, path, nl, hit.size)
+            codec = check_chunk_head(head, spec, mid, hit.key)
+            if codec.name == "none" and head.contiguous():
+                groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
+                for a, b in groups:
+                    await self._scatter(path, head, dest, a, b)
+                    progress(b)
+                return hit.size
+            data = memoryview(await req.get_range(path, head.data_start, hit.size))
+            await asyncio.to_thread(self._decode, codec, data, head.data_start, head, dest, 0, nl)
+            progress(nl)
+            return hit.size
+        if not split:  # one request for the whole chunk
+            whole = memoryview(await req.get(path))
+            head = parse_head(whole, nl, len(whole))
+            codec = check_chunk_head(head, spec, mid, hit.key)
+            await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, 0, nl)
+            progress(nl)
+            return len(whole)
+        raw = 2 * hit.key.num_tokens * spec.row_bytes
+        first_end = min(hit.size, head_bytes(nl) + raw + raw // 255 + 64)  # room for layer 0 even compressed
+        first = memoryview(await req.get_range(path, 0, first_end))
+        head = parse_head(first, nl, hit.size)
+        codec = check_chunk_head(head, spec, mid, hit.key)
+        ready = 0
+        while ready < nl and head.spans[ready].end <= len(first):
+            ready += 1
+        await asyncio.to_thread(self._decode, codec, first, 0, head, dest, 0, ready)
+        progress(ready)
+        if ready < nl:
+            start = head.spans[ready].offset
+            rest = memoryview(bytes(first[start:]) + await req.get_range(path, len(first), hit.size))
+            await asyncio.to_thread(self._decode, codec, rest, start, head, dest, ready, nl)
+            progress(nl)
+        return hit.size
+
+    async def _scatter(self, path: str, head: ShardHead, dest: list[LayerBytes], a: int, b: int) -> None:
+        """Read uncompressed layers ``[a, b)`` straight into their destinations (one ``preadv``), then verify."""
+        crcs = np.empty((b - a, CRC_BYTES), np.uint8)
+        buffers: list[memoryview] = []
+        for i in range(a, b):
+            kb, vb = dest[i]
+            buffers += [kb.data, vb.data, crcs[i - a].data]
+        start = head.spans[a].offset
+        n = await self.requests.get_range_into(path, start, buffers)
+        if n != head.spans[b - 1].end - start:
+            raise IntegrityError(f"data object ended after {start + n} of {head.size} bytes")
+        if self.verify:
+            await asyncio.to_thread(_check_layers, dest[a:b], crcs)
+
+    def _decode(
+        self, codec: Codec, data: memoryview, base: int, head: ShardHead, dest: list[LayerBytes], a: int, b: int
+    ) -> None:
+        """Decode layers ``[a, b)`` from ``data``, which holds the object's bytes from offset ``base``."""
+        for i in range(a, b):
+            span = head.spans[i]
+            if span.offset < base or span.end - base > len(data):
+                raise IntegrityError(f"data object is shorter than its index says ({len(data) + base} bytes)")
+            decode_layer(codec, data[span.offset - base : span.end - base], dest[i], verify=self.verify)
+
+    # ------------------------------------------------------------------ damage
+
+    async def report_damage(self, spec: ModelSpec, mid: bytes, key: ChunkKey, exc: BaseException | None) -> None:
+        """Count and log a damaged chunk; with ``repair`` delete its data object so the next save rewrites it.
+
+        The damage was seen in the source's own bytes (``read_chunk`` re-reads
+        a cache tier's copy from the source first), so the delete acts there.
+        """
+        if isinstance(exc, FormatVersionError):  # a newer writer's chunk: a miss, left alone
+            logger.warning("chunk %s of %s was written in another format: %s", key.hex, spec.label, exc)
+            return
+        self.requests.counters.chunks_damaged += 1
+        logger.warning("damaged chunk %s (#%d of %s): %s", key.hex, key.index, spec.label, exc)
+        if not self.repair:
+            return
+        try:
+            await self.requests.delete([data_path(chunk_prefix(mid, key.digest))])
+        except StoreUnavailableError as err:
+            logger.warning("could not retire damaged chunk %s: %s", key.hex, err)
+
+
+def _check_layers(dest: list[LayerBytes], crcs: np.ndarray) -> None:
+    for (kb, vb), crc in zip(dest, crcs, strict=True):
+        check_layer([kb, vb], crc)
