@@ -217,6 +217,9 @@ class ChunkReader:
         n = await self.requests.get_range_into(path, start, buffers)
         if n != head.spans[b - 1].end - start:
             raise IntegrityError(f"data object ended after {start + n} of {head.size} bytes")
+        expected = np.frombuffer(head.header.layer_crcs[CRC_BYTES * a : CRC_BYTES * b], np.uint8)
+        if not np.array_equal(crcs.reshape(-1), expected):
+            raise IntegrityError("layer checksum differs from the header's")
         if self.verify:
             await asyncio.to_thread(_check_layers, dest[a:b], crcs)
 
@@ -228,7 +231,8 @@ class ChunkReader:
             span = head.spans[i]
             if span.offset < base or span.end - base > len(data):
                 raise IntegrityError(f"data object is shorter than its index says ({len(data) + base} bytes)")
-            decode_layer(codec, data[span.offset - base : span.end - base], dest[i], verify=self.verify)
+            stored = data[span.offset - base : span.end - base]
+            decode_layer(codec, stored, dest[i], head.header.layer_crc(i), verify=self.verify)
 
     # ------------------------------------------------------------------ damage
 

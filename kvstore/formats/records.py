@@ -21,11 +21,16 @@ from kvstore.formats.dtypes import dtype_info_by_name
 from kvstore.formats.keys import model_id as derive_model_id
 from kvstore.spec import MAX_DIM, MAX_LAYERS, ModelSpec
 
-__all__ = ["ChunkHeader", "ModelRecord", "RetirementRecord", "RootRecord", "STORE_MAGIC"]
+__all__ = ["ChunkHeader", "chunk_header_limit", "ModelRecord", "RetirementRecord", "RootRecord", "STORE_MAGIC"]
 
 STORE_MAGIC = "kvstore"
 _MAX_SMALL_RECORD = 64 * 1024
-_MAX_CHUNK_HEADER = 4096 - 4  # the header frame (msgpack + crc32c) is at most 4096 bytes
+
+
+def chunk_header_limit(num_layers: int) -> int:
+    """Most bytes a chunk header of ``num_layers`` layers may take (its 4-byte layer crcs included)."""
+    return 1024 + 4 * num_layers
+
 
 T = TypeVar("T")
 
@@ -167,6 +172,8 @@ class ChunkHeader:
     num_tokens: int
     num_layers: int
     codec: str
+    layer_crcs: bytes = b""
+    """u32le crc32c of each layer's stored bytes: binds every layer's place to this chunk."""
     created: float = field(default_factory=time.time)
 
     def to_msgpack(self) -> bytes:
@@ -180,25 +187,33 @@ class ChunkHeader:
                 "tokens": self.num_tokens,
                 "layers": self.num_layers,
                 "codec": self.codec,
+                "crcs": self.layer_crcs,
                 "created": self.created,
             }
         )
 
+    def layer_crc(self, layer: int) -> bytes:
+        return self.layer_crcs[4 * layer : 4 * layer + 4]
+
     @classmethod
     def from_msgpack(cls, data: bytes) -> ChunkHeader:
         k = "chunk header"
-        obj = _unpack(data, _MAX_CHUNK_HEADER, k)
-        key, parent, model = (_get(obj, f, bytes, k) for f in ("key", "parent", "model"))
+        obj = _unpack(data, chunk_header_limit(MAX_LAYERS), k)
+        key, parent, model, crcs = (_get(obj, f, bytes, k) for f in ("key", "parent", "model", "crcs"))
         if len(key) != 32 or len(parent) != 32 or len(model) != 16:
             raise IntegrityError("chunk header key/parent/model have wrong lengths")
+        num_layers = _get_int(obj, "layers", k, 1, MAX_LAYERS)
+        if len(crcs) != 4 * num_layers:
+            raise IntegrityError("chunk header has not one crc per layer")
         return cls(
             key=key,
             parent=parent,
             index=_get_int(obj, "index", k, 0, 1 << 40),
             model_id=model,
             num_tokens=_get_int(obj, "tokens", k, 1, 1 << 24),
-            num_layers=_get_int(obj, "layers", k, 1, MAX_LAYERS),
+            num_layers=num_layers,
             codec=_get(obj, "codec", str, k),
+            layer_crcs=crcs,
             created=_get_number(obj, "created", k),
         )
 

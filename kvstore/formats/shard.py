@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import google_crc32c
 import numpy as np
 
 from kvstore.errors import IntegrityError
 from kvstore.formats.codecs import Codec
-from kvstore.formats.records import ChunkHeader
+from kvstore.formats.records import ChunkHeader, chunk_header_limit
 
 __all__ = [
     "CRC_BYTES",
-    "HEADER_MAX",
     "LayerSpan",
     "ShardHead",
     "check_layer",
@@ -44,8 +43,6 @@ __all__ = [
 ]
 
 CRC_BYTES = 4
-HEADER_MAX = 4096
-"""Upper bound on the header frame (msgpack + crc); a longer one is damage. Readers fetch this much up front."""
 
 _ENTRY = struct.Struct("<QQ")
 Buffer = bytes | memoryview
@@ -72,7 +69,7 @@ def index_bytes(num_layers: int) -> int:
 
 def head_bytes(num_layers: int) -> int:
     """How many leading bytes always cover the index and the header."""
-    return index_bytes(num_layers) + HEADER_MAX
+    return index_bytes(num_layers) + chunk_header_limit(num_layers) + CRC_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +105,8 @@ def encode_head(header: ChunkHeader, layer_sizes: Sequence[int]) -> bytes:
     """The index and header frame that start a data object whose layers (crc included) have these sizes."""
     frame = header.to_msgpack()
     frame += crc32c([frame]).to_bytes(4, "little")
-    if len(frame) > HEADER_MAX:
-        raise IntegrityError(f"chunk header is {len(frame)} bytes, over the {HEADER_MAX}-byte limit")
+    if len(frame) > chunk_header_limit(len(layer_sizes)) + CRC_BYTES:
+        raise IntegrityError(f"chunk header is {len(frame)} bytes, over its limit")
     offset = index_bytes(len(layer_sizes)) + len(frame)
     index = bytearray()
     for size in layer_sizes:
@@ -131,7 +128,7 @@ def parse_head(data: bytes | memoryview, num_layers: int, size: int) -> ShardHea
         raise IntegrityError("shard index checksum mismatch")
     spans = tuple(LayerSpan(*_ENTRY.unpack_from(index, 16 * i)) for i in range(num_layers))
     first = spans[0].offset
-    if not n_index + CRC_BYTES < first <= n_index + HEADER_MAX or first > len(data):
+    if not n_index + CRC_BYTES < first <= head_bytes(num_layers) or first > len(data):
         raise IntegrityError("chunk header is missing or out of bounds")
     for span in spans:
         if span.offset < first or span.nbytes <= CRC_BYTES or span.end > size:
@@ -156,7 +153,11 @@ def encode_layers(codec: Codec, layers: Sequence[tuple[memoryview, memoryview]],
 
 
 def data_object(header: ChunkHeader, layers: Sequence[Sequence[Buffer]]) -> list[memoryview]:
-    """The parts of a whole data object, in order: its head, then every layer's stored parts."""
+    """The parts of a whole data object, in order: its head, then every layer's stored parts.
+
+    Each layer's parts end with its crc32c, which the header repeats (``layer_crcs``).
+    """
+    header = replace(header, layer_crcs=b"".join(bytes(parts[-1]) for parts in layers))
     head = encode_head(header, [sum(len(p) for p in parts) for parts in layers])
     return [memoryview(head), *(memoryview(p) for parts in layers for p in parts)]
 
@@ -167,13 +168,21 @@ def check_layer(parts: Sequence[np.ndarray | bytes | memoryview], crc: bytes | m
         raise IntegrityError("layer checksum mismatch")
 
 
-def decode_layer(codec: Codec, stored: memoryview, out: tuple[np.ndarray, np.ndarray], *, verify: bool) -> None:
-    """Check and decode one layer's inner chunk (crc32c included) into its K and V byte buffers."""
+def decode_layer(
+    codec: Codec, stored: memoryview, out: tuple[np.ndarray, np.ndarray], expected_crc: bytes, *, verify: bool
+) -> None:
+    """Check and decode one layer's inner chunk (crc32c included) into its K and V byte buffers.
+
+    The stored crc must be the one the header lists for this layer (a layer in the
+    wrong place or from another chunk); ``verify`` also recomputes it over the bytes.
+    """
     if len(stored) <= CRC_BYTES:
         raise IntegrityError("layer is shorter than its checksum")
-    body = stored[:-CRC_BYTES]
+    body, crc = stored[:-CRC_BYTES], stored[-CRC_BYTES:]
+    if bytes(crc) != expected_crc:
+        raise IntegrityError("layer checksum differs from the header's")
     if verify:
-        check_layer([body], stored[-CRC_BYTES:])
+        check_layer([body], crc)
     kb, vb = out
     decoded = codec.decode(body, len(kb) + len(vb))
     kb[:] = np.frombuffer(decoded, np.uint8, len(kb))

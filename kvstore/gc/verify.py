@@ -180,7 +180,8 @@ def _check_layers(codec: Any, data: memoryview, head: ShardHead, raw: int) -> No
     half = raw // 2
     for layer, span in enumerate(head.spans):
         try:
-            decode_layer(codec, data[span.offset : span.end], (scratch[:half], scratch[half:]), verify=True)
+            out = (scratch[:half], scratch[half:])
+            decode_layer(codec, data[span.offset : span.end], out, head.header.layer_crc(layer), verify=True)
         except IntegrityError as exc:
             raise IntegrityError(f"layer {layer}: {exc}") from None
 
