@@ -338,11 +338,16 @@ async def _load_chunk(
             return
         # Owner of the read, or a follower whose owner failed: read it here (unshared, so no second wait).
         owner, delivered = waiter is None, False
+        counted = 0
+
+        def progress(layers: int, nbytes: int) -> None:
+            nonlocal counted
+            state.bytes_read += max(0, nbytes - counted)
+            counted = max(counted, nbytes)
+            state.progress(j, layers)
+
         try:
-            size = await services.reader.read_chunk(
-                spec, mid, hit, dest, split=split, progress=lambda n: state.progress(j, n)
-            )
-            state.bytes_read += size
+            await services.reader.read_chunk(spec, mid, hit, dest, split=split, progress=progress)
             if owner:
                 services.counters.reads_shared += services.shared.deliver(path, flat)
                 delivered = True
@@ -401,7 +406,7 @@ class LoadState:
     def progress(self, chunk: int, layers: int) -> None:
         """Chunk ``chunk`` has its first ``layers`` layers complete."""
         if chunk >= self.first_bad or layers <= self.layers_done[chunk]:
-            return
+            return  # (also a report of bytes only)
         self.layers_done[chunk] = layers
         if layers == self.num_layers:
             self.chunks_done += 1

@@ -28,6 +28,7 @@ from kvstore.formats.shard import (
     check_layer,
     decode_layer,
     head_bytes,
+    index_bytes,
     parse_head,
 )
 from kvstore.requests import Requests
@@ -38,6 +39,9 @@ __all__ = ["ChunkReader", "Hit", "LayerBytes", "check_chunk_head", "chunk_codec"
 logger = logging.getLogger("kvstore")
 
 R = TypeVar("R")
+
+_HEADER_GUESS = 256
+"""Bytes of a chunk header besides its per-layer crcs, rounded up (the fields are of fixed size but the codec name)."""
 
 LayerBytes = tuple[np.ndarray, np.ndarray]
 """One layer's destination in a load: flat uint8 views of the chunk's K rows and V rows."""
@@ -137,11 +141,12 @@ class ChunkReader:
         dest: list[LayerBytes],
         *,
         split: bool,
-        progress: Callable[[int], None],
+        progress: Callable[[int, int], None],
     ) -> int:
         """Read, verify and decode chunk ``hit`` into ``dest`` (one (K, V) byte pair per layer): bytes read.
 
-        ``progress(n)`` is called whenever the first ``n`` layers are complete.
+        ``progress(n, nbytes)`` is called whenever the first ``n`` layers are
+        complete or more bytes were read (``nbytes`` so far, for this attempt).
         With ``split`` layer 0 comes from a first, small read so that it is usable
         early. Damage raises IntegrityError; a copy served by a cache tier is
         dropped and read again from the source first, so only the source's own
@@ -166,62 +171,80 @@ class ChunkReader:
         path: str,
         dest: list[LayerBytes],
         split: bool,
-        progress: Callable[[int], None],
+        progress: Callable[[int, int], None],
     ) -> int:
+        """One attempt at ``read_chunk``; ``progress(layers complete, bytes read so far)``."""
         req, nl = self.requests, spec.num_layers
-        if req.reads_into_buffers:
+        groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
+        if req.reads_into_buffers:  # a local file: the head, then each group of layers
             head = await read_head(req, path, nl, hit.size)
             codec = check_chunk_head(head, spec, mid, hit.key)
-            if codec.name == "none" and head.contiguous():
-                groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
-                for a, b in groups:
-                    await self._scatter(path, head, dest, a, b)
-                    progress(b)
-                return hit.size
-            data = memoryview(await req.get_range(path, head.data_start, hit.size))
-            await asyncio.to_thread(self._decode, codec, data, head.data_start, head, dest, 0, nl)
-            progress(nl)
-            return hit.size
+            got = head.data_start
+            progress(0, got)
+            for a, b in groups:
+                start, end = head.spans[a].offset, head.spans[b - 1].end
+                if codec.name == "none" and head.contiguous():
+                    await self._scatter(path, head, dest, a, b, priority=int(a > 0))
+                else:
+                    data = memoryview(await req.get_range(path, start, end, priority=int(a > 0)))
+                    await asyncio.to_thread(self._decode, codec, data, start, head, dest, a, b)
+                got += end - start
+                progress(b, got)
+            return got
         if not split:  # one request for the whole chunk
             whole = memoryview(await req.get(path))
+            progress(0, len(whole))
             head = parse_head(whole, nl, len(whole))
             codec = check_chunk_head(head, spec, mid, hit.key)
             await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, 0, nl)
-            progress(nl)
+            progress(nl, len(whole))
             return len(whole)
+        # The first range: the index, the header and layer 0 (the header's likely size, lz4/blosc's worst case).
         raw = 2 * hit.key.num_tokens * spec.row_bytes
-        first_end = min(hit.size, head_bytes(nl) + raw + raw // 255 + 64)  # room for layer 0 even compressed
+        first_end = min(hit.size, index_bytes(nl) + _HEADER_GUESS + 4 * nl + raw + raw // 255 + 16 + CRC_BYTES)
         first = memoryview(await req.get_range(path, 0, first_end))
+        progress(0, len(first))
         head = parse_head(first, nl, hit.size)
         codec = check_chunk_head(head, spec, mid, hit.key)
         ready = 0
         while ready < nl and head.spans[ready].end <= len(first):
             ready += 1
         await asyncio.to_thread(self._decode, codec, first, 0, head, dest, 0, ready)
-        progress(ready)
-        if ready < nl:
-            start = head.spans[ready].offset
-            rest = memoryview(bytes(first[start:]) + await req.get_range(path, len(first), hit.size))
-            await asyncio.to_thread(self._decode, codec, rest, start, head, dest, ready, nl)
-            progress(nl)
-        return hit.size
+        progress(ready, len(first))
+        if ready == nl:
+            return len(first)
+        start = head.spans[ready].offset
+        later = await req.get_range(path, len(first), hit.size, priority=1)
+        rest = memoryview(bytes(first[start:]) + later)
+        progress(ready, len(first) + len(later))
+        await asyncio.to_thread(self._decode, codec, rest, start, head, dest, ready, nl)
+        progress(nl, len(first) + len(later))
+        return len(first) + len(later)
 
-    async def _scatter(self, path: str, head: ShardHead, dest: list[LayerBytes], a: int, b: int) -> None:
-        """Read uncompressed layers ``[a, b)`` straight into their destinations (one ``preadv``), then verify."""
+    async def _scatter(
+        self, path: str, head: ShardHead, dest: list[LayerBytes], a: int, b: int, *, priority: int
+    ) -> None:
+        """Read uncompressed layers ``[a, b)`` straight into their destinations (one ``preadv``) and check them
+        in the same worker thread, while the bytes are still in the CPU cache."""
         crcs = np.empty((b - a, CRC_BYTES), np.uint8)
         buffers: list[memoryview] = []
         for i in range(a, b):
             kb, vb = dest[i]
             buffers += [kb.data, vb.data, crcs[i - a].data]
         start = head.spans[a].offset
-        n = await self.requests.get_range_into(path, start, buffers)
-        if n != head.spans[b - 1].end - start:
-            raise IntegrityError(f"data object ended after {start + n} of {head.size} bytes")
+        want = head.spans[b - 1].end - start
         expected = np.frombuffer(head.header.layer_crcs[CRC_BYTES * a : CRC_BYTES * b], np.uint8)
-        if not np.array_equal(crcs.reshape(-1), expected):
-            raise IntegrityError("layer checksum differs from the header's")
-        if self.verify:
-            await asyncio.to_thread(_check_layers, dest[a:b], crcs)
+
+        def check(filled: int) -> None:
+            if filled != want:
+                raise IntegrityError(f"data object ended after {start + filled} of {head.size} bytes")
+            if not np.array_equal(crcs.reshape(-1), expected):
+                raise IntegrityError("layer checksum differs from the header's")
+            if self.verify:
+                for (kb, vb), crc in zip(dest[a:b], crcs, strict=True):
+                    check_layer([kb, vb], crc)
+
+        await self.requests.get_range_into(path, start, buffers, then=check, priority=priority)
 
     def _decode(
         self, codec: Codec, data: memoryview, base: int, head: ShardHead, dest: list[LayerBytes], a: int, b: int
@@ -253,8 +276,3 @@ class ChunkReader:
             await self.requests.delete([data_path(chunk_prefix(mid, key.digest))])
         except StoreUnavailableError as err:
             logger.warning("could not retire damaged chunk %s: %s", key.hex, err)
-
-
-def _check_layers(dest: list[LayerBytes], crcs: np.ndarray) -> None:
-    for (kb, vb), crc in zip(dest, crcs, strict=True):
-        check_layer([kb, vb], crc)

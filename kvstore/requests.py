@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.storage import ObjectStore
 from kvstore.storage.base import ObjectMeta
 
-__all__ = ["Counters", "Requests"]
+__all__ = ["Counters", "PriorityLimit", "Requests"]
 
 
 @dataclass(slots=True)
@@ -36,58 +39,109 @@ class Counters:
     cache_rereads: int = 0
 
 
+class PriorityLimit:
+    """A semaphore that admits waiters by (priority, arrival): lower priorities first, FIFO among equals.
+
+    A layer-pipelined load reads every chunk's layer 0 at priority 0 and the rest
+    at priority 1, so with the store's limit busy the first layer of every chunk
+    is served before any chunk's later layers: layer 0 completes early.
+    """
+
+    def __init__(self, value: int) -> None:
+        self._free = value
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, priority: int = 0) -> AsyncIterator[None]:
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted just as it was cancelled: pass the slot on
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
 class Requests:
     """The store's backend behind one FIFO request limit (``max_concurrency``), with counts per kind.
 
-    Requests wait in the order they were made, so a load that creates its
-    requests layer-major (or chunk by chunk) gets them served in that order.
+    Requests wait in the order they were made (within a priority, see
+    ``PriorityLimit``), so a load gets them served in the order it makes them.
     """
 
     def __init__(self, backend: ObjectStore, max_concurrency: int, counters: Counters) -> None:
         self.backend = backend
         self.counters = counters
-        self._limit = asyncio.Semaphore(max_concurrency)
+        self._limit = PriorityLimit(max_concurrency)
 
     @property
     def reads_into_buffers(self) -> bool:
         return self.backend.reads_into_buffers
 
     async def head(self, key: str) -> ObjectMeta | None:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_head += 1
             return await self.backend.head(key)
 
     async def get(self, key: str) -> bytes:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_get += 1
             return await self.backend.get(key)
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        async with self._limit:
+    async def get_range(self, key: str, start: int, end: int, *, priority: int = 0) -> bytes:
+        async with self._limit(priority):
             self.counters.requests_get += 1
             return await self.backend.get_range(key, start, end)
 
-    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
-        async with self._limit:
+    async def get_range_into(
+        self,
+        key: str,
+        start: int,
+        buffers: Sequence[memoryview],
+        *,
+        then: Callable[[int], None] | None = None,
+        priority: int = 0,
+    ) -> int:
+        async with self._limit(priority):
             self.counters.requests_get += 1
-            return await self.backend.get_range_into(key, start, buffers)
+            return await self.backend.get_range_into(key, start, buffers, then=then)
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_put += 1
             return await self.backend.put(key, data, create_only=create_only)
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_put += 1
             return await self.backend.put_parts(key, parts, create_only=create_only)
 
     async def list(self, prefix: str) -> list[ObjectMeta]:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_list += 1
             return [m async for m in self.backend.list(prefix)]
 
     async def delete(self, keys: Sequence[str]) -> None:
-        async with self._limit:
+        async with self._limit():
             self.counters.requests_delete += 1
             await self.backend.delete(keys)

@@ -250,21 +250,29 @@ class CountingObjectStore(ObjectStore):
         finally:
             self._leave("get")
 
-    async def get_into(
-        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        self._enter("get")
+        try:
+            await self._hold()
+            return await self.inner.get_range(key, start, end)
+        finally:
+            self._leave("get")
+
+    async def get_range_into(
+        self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
     ) -> int:
         self._enter("get_into")
         try:
             await self._hold()
-            return await self.inner.get_into(key, buffers, then=then)
+            return await self.inner.get_range_into(key, start, buffers, then=then)
         finally:
             self._leave("get_into")
 
-    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
+    async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         self._enter("put")
         try:
             await self._hold()
-            await self.inner.put_parts(key, parts)
+            return await self.inner.put_parts(key, parts, create_only=create_only)
         finally:
             self._leave("put")
 

@@ -47,31 +47,6 @@ class ObjectStore(ABC):
     async def get(self, key: str) -> bytes:
         """Return the object's bytes; raise ObjectNotFoundError if it does not exist."""
 
-    async def get_into(
-        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
-    ) -> int:
-        """Fill ``buffers`` in order from the object's bytes; return the object's size.
-
-        The object must be exactly as large as the buffers together; a size
-        mismatch is returned (not raised) so callers decide. ``then(size)`` runs
-        in the worker thread right after the read, while the bytes are still in
-        the CPU cache (checksums); what it raises propagates. Backends that can
-        read straight into caller memory override this to skip a copy.
-        """
-        data = memoryview(await self.get(key))
-
-        def fill() -> None:
-            if len(data) == sum(len(b) for b in buffers):
-                offset = 0
-                for buf in buffers:
-                    buf[:] = data[offset : offset + len(buf)]
-                    offset += len(buf)
-            if then is not None:
-                then(len(data))
-
-        await asyncio.to_thread(fill)
-        return len(data)
-
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object (fewer if it is shorter); ObjectNotFoundError if absent.
 
@@ -80,16 +55,20 @@ class ObjectStore(ABC):
         """
         return (await self.get(key))[start:end]
 
-    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+    async def get_range_into(
+        self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
         """Fill ``buffers`` in order from the object's bytes at ``start``; return how many bytes were filled.
 
-        Fewer than the buffers hold means the object ended first. Backends that
-        can scatter a read into caller memory (``preadv``) override this.
+        Fewer than the buffers hold means the object ended first. ``then(filled)``
+        runs in the worker thread right after the read, while the bytes are still
+        in the CPU cache (checksums); what it raises propagates. Backends that can
+        scatter a read into caller memory (``preadv``) override this.
         """
         total = sum(len(b) for b in buffers)
         data = memoryview(await self.get_range(key, start, start + total))
 
-        def fill() -> None:
+        def fill() -> int:
             offset = 0
             for buf in buffers:
                 n = min(len(buf), len(data) - offset)
@@ -97,9 +76,11 @@ class ObjectStore(ABC):
                     break
                 buf[:n] = data[offset : offset + n]
                 offset += n
+            if then is not None:
+                then(offset)
+            return offset
 
-        await asyncio.to_thread(fill)
-        return min(total, len(data))
+        return await asyncio.to_thread(fill)
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         """Store the concatenation of ``parts`` at ``key``, atomically for readers (``create_only`` as in ``put``).

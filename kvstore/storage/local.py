@@ -45,33 +45,6 @@ class LocalObjectStore(ObjectStore):
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
-    async def get_into(
-        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
-    ) -> int:
-        with translate_errors(self.url, key):
-            try:
-                return await asyncio.to_thread(self._read_into, self._path(key), buffers, then)
-            except _NO_OBJECT as exc:
-                raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
-
-    @staticmethod
-    def _read_into(path: Path, buffers: Sequence[memoryview], then: Callable[[int], None] | None) -> int:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(str(path))
-            size = st.st_size
-            if size == sum(len(b) for b in buffers):
-                done = os.preadv(fd, list(buffers), 0)
-                if done != size:  # short read: the file shrank under us
-                    size = done
-        finally:
-            os.close(fd)
-        if then is not None:
-            then(size)
-        return size
-
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         with translate_errors(self.url, key):
             try:
@@ -89,12 +62,23 @@ class LocalObjectStore(ObjectStore):
         finally:
             os.close(fd)
 
-    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+    async def get_range_into(
+        self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
         with translate_errors(self.url, key):
             try:
-                return await asyncio.to_thread(self._preadv, self._path(key), start, buffers)
+                return await asyncio.to_thread(self._preadv_then, self._path(key), start, buffers, then)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
+
+    @classmethod
+    def _preadv_then(
+        cls, path: Path, start: int, buffers: Sequence[memoryview], then: Callable[[int], None] | None
+    ) -> int:
+        filled = cls._preadv(path, start, buffers)
+        if then is not None:
+            then(filled)
+        return filled
 
     @staticmethod
     def _preadv(path: Path, start: int, buffers: Sequence[memoryview]) -> int:

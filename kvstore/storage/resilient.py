@@ -182,19 +182,16 @@ class ResilientObjectStore(ObjectStore):
     async def get(self, key: str) -> bytes:
         return await self._request(key, lambda: self.inner.get(key))
 
-    async def get_into(
-        self, key: str, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
-    ) -> int:
-        return await self._request(key, lambda: self.inner.get_into(key, buffers, then=then))
-
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         return await self._request(key, lambda: self.inner.put(key, data, create_only=create_only))
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self._request(key, lambda: self.inner.get_range(key, start, end))
 
-    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
-        return await self._request(key, lambda: self.inner.get_range_into(key, start, buffers))
+    async def get_range_into(
+        self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
+    ) -> int:
+        return await self._request(key, lambda: self.inner.get_range_into(key, start, buffers, then=then))
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         return await self._request(key, lambda: self.inner.put_parts(key, parts, create_only=create_only))

@@ -73,7 +73,7 @@ class TieredObjectStore(ObjectStore):
     """``source`` behind a host-memory LRU of ``memory_budget`` bytes and an optional ``disk`` store."""
 
     reads_into_buffers = True
-    """Loads use ``get_into`` (the base copy from a cached object, checksummed in the worker thread)."""
+    """Loads use ``get_range_into`` (the base copy from a cached object, checksummed in the worker thread)."""
 
     def __init__(self, source: ObjectStore, *, memory_budget: int = 0, disk: ObjectStore | None = None) -> None:
         self.source = source

@@ -68,7 +68,7 @@ class TestObjectStoreConformance:
         with pytest.raises(kvstore.ObjectNotFoundError):
             await store.get("a/b/c")
         with pytest.raises(kvstore.ObjectNotFoundError):
-            await store.get_into("a/b/c", [memoryview(bytearray(1))])
+            await store.get_range_into("a/b/c", 0, [memoryview(bytearray(1))])
         assert await store.head("a/b/c") is None
 
     async def test_plain_put_overwrites(self, store: ObjectStore) -> None:
@@ -120,31 +120,59 @@ class TestObjectStoreConformance:
         assert await store.head("a/b") is None
         assert await store.head("a") is None
 
-    # ------------------------------------------------------------------ get_into
+    # ------------------------------------------------------------------ ranges
 
-    async def test_get_into_fills_buffers_in_order(self, store: ObjectStore) -> None:
+    async def test_get_range_returns_the_bytes_in_range(self, store: ObjectStore) -> None:
         data = bytes(range(10))
         await store.put("obj", data)
-        first, second = bytearray(4), bytearray(6)
-        size = await store.get_into("obj", [memoryview(first), memoryview(second)])
-        assert size == 10
-        assert bytes(first) == data[:4]
-        assert bytes(second) == data[4:]
+        assert await store.get_range("obj", 2, 7) == data[2:7]
+        assert await store.get_range("obj", 0, 100) == data  # past the end: what there is
+        assert await store.get_range("obj", 4, 4) == b""
 
-    async def test_get_into_reports_a_size_mismatch_without_raising(self, store: ObjectStore) -> None:
+    async def test_get_range_into_fills_buffers_in_order(self, store: ObjectStore) -> None:
+        data = bytes(range(10))
+        await store.put("obj", data)
+        first, second = bytearray(3), bytearray(4)
+        seen: list[int] = []
+        filled = await store.get_range_into("obj", 2, [memoryview(first), memoryview(second)], then=seen.append)
+        assert filled == 7
+        assert seen == [7]
+        assert bytes(first) == data[2:5]
+        assert bytes(second) == data[5:9]
+
+    async def test_get_range_into_reports_a_short_object_without_raising(self, store: ObjectStore) -> None:
         await store.put("obj", bytes(10))
-        buffer = bytearray(b"\xaa" * 8)
-        assert await store.get_into("obj", [memoryview(buffer)]) == 10
-        assert await store.get_into("obj", [memoryview(bytearray(12))]) == 10
+        assert await store.get_range_into("obj", 6, [memoryview(bytearray(8))]) == 4
 
-    async def test_get_into_missing_key_raises_object_not_found(self, store: ObjectStore) -> None:
+    async def test_get_range_into_then_may_raise(self, store: ObjectStore) -> None:
+        await store.put("obj", bytes(10))
+
+        def refuse(filled: int) -> None:
+            raise kvstore.IntegrityError(f"{filled} bytes refused")
+
+        with pytest.raises(kvstore.IntegrityError, match="10 bytes refused"):
+            await store.get_range_into("obj", 0, [memoryview(bytearray(10))], then=refuse)
+
+    async def test_ranges_of_a_missing_key_raise_object_not_found(self, store: ObjectStore) -> None:
         with pytest.raises(kvstore.ObjectNotFoundError):
-            await store.get_into("missing", [memoryview(bytearray(4))])
+            await store.get_range("missing", 0, 4)
+        with pytest.raises(kvstore.ObjectNotFoundError):
+            await store.get_range_into("missing", 0, [memoryview(bytearray(4))])
 
-    async def test_get_into_a_key_that_is_only_a_prefix_is_not_found(self, store: ObjectStore) -> None:
+    async def test_ranges_of_a_key_that_is_only_a_prefix_are_not_found(self, store: ObjectStore) -> None:
         await store.put("a/b/c", b"x")
         with pytest.raises(kvstore.ObjectNotFoundError):
-            await store.get_into("a/b", [memoryview(bytearray(3))])
+            await store.get_range("a/b", 0, 3)
+        with pytest.raises(kvstore.ObjectNotFoundError):
+            await store.get_range_into("a/b", 0, [memoryview(bytearray(3))])
+
+    async def test_put_parts_create_only(self, store: ObjectStore) -> None:
+        parts = [memoryview(b"ab"), memoryview(b"cd")]
+        assert await store.put_parts("obj", parts, create_only=True) is True
+        assert await store.put_parts("obj", [memoryview(b"zz")], create_only=True) is False
+        assert await store.get("obj") == b"abcd"
+        assert await store.put_parts("obj", [memoryview(b"zz")]) is True
+        assert await store.get("obj") == b"zz"
 
     # ------------------------------------------------------------------ list
 

@@ -9,14 +9,15 @@ pytest and test-only imports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
-import msgpack
 import torch
 
 import kvstore
 from kvstore.formats.keys import ChunkKey, chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, commit_path, layer_path
+from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.shard import ShardHead, encode_head, parse_head
 from kvstore.storage import ObjectStore, open_object_store
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -78,12 +79,18 @@ async def listing(url: str) -> dict[str, int]:
         return {m.key: m.size async for m in backend.list("")}
 
 
-async def rewrite_commit(backend: ObjectStore, prefix: str, **changes: object) -> None:
-    """Re-encode a chunk's commit record with some fields changed (a syntactically valid, lying record)."""
-    path = commit_path(prefix)
-    obj = msgpack.unpackb(await backend.get(path))
-    obj.update(changes)
-    await backend.put(path, msgpack.packb(obj, use_bin_type=True))
+async def read_data(backend: ObjectStore, prefix: str, spec: kvstore.ModelSpec = SPEC) -> tuple[bytes, ShardHead]:
+    """A chunk's data object and its parsed index and header."""
+    data = await backend.get(data_path(prefix))
+    return data, parse_head(data, spec.num_layers, len(data))
+
+
+async def rewrite_header(backend: ObjectStore, prefix: str, spec: kvstore.ModelSpec = SPEC, **changes: object) -> None:
+    """Re-encode a chunk's header with some fields changed, index and checksums made consistent (a lying header)."""
+    data, head = await read_data(backend, prefix, spec)
+    header = dataclasses.replace(head.header, **changes)  # type: ignore[arg-type]
+    layers = [data[s.offset : s.end] for s in head.spans]
+    await backend.put(data_path(prefix), encode_head(header, [len(x) for x in layers]) + b"".join(layers))
 
 
 def flip(data: bytes, pos: int) -> bytes:
@@ -97,12 +104,12 @@ __all__ = [
     "SPEC",
     "assert_kv_equal",
     "chunks_of",
-    "commit_path",
+    "data_path",
     "flip",
-    "layer_path",
     "listing",
     "make_kv",
     "make_tokens",
     "raw_store",
-    "rewrite_commit",
+    "read_data",
+    "rewrite_header",
 ]

@@ -28,19 +28,20 @@ from _damage_helpers import (
     SPEC,
     assert_kv_equal,
     chunks_of,
-    commit_path,
+    data_path,
     flip,
-    layer_path,
     listing,
     make_kv,
     make_tokens,
     raw_store,
-    rewrite_commit,
+    read_data,
+    rewrite_header,
 )
 
 import kvstore
 from kvstore.formats.keys import model_id
 from kvstore.formats.layout import tails_prefix
+from kvstore.formats.shard import crc32c, index_bytes
 from kvstore.storage import ObjectStore
 
 CODECS = ["none", "lz4", "blosc-lz4"]
@@ -70,135 +71,124 @@ def prompt() -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
 Damage = Callable[[ObjectStore, list[tuple[object, str]], int], Awaitable[None]]
 
 
+async def _edit(b: ObjectStore, prefix: str, edit: Callable[[bytes, object], bytes]) -> None:
+    data, head = await read_data(b, prefix)
+    await b.put(data_path(prefix), edit(data, head))
+
+
 async def flip_layer_byte(b: ObjectStore, chunks: list, k: int) -> None:
-    path = layer_path(chunks[k][1], 1)
-    data = await b.get(path)
-    await b.put(path, flip(data, len(data) // 2))
+    await _edit(b, chunks[k][1], lambda d, h: flip(d, (h.spans[1].offset + h.spans[1].end) // 2))  # type: ignore[attr-defined]
 
 
 async def flip_layer_first_byte(b: ObjectStore, chunks: list, k: int) -> None:
-    path = layer_path(chunks[k][1], 0)
-    await b.put(path, flip(await b.get(path), 0))
+    await _edit(b, chunks[k][1], lambda d, h: flip(d, h.spans[0].offset))  # type: ignore[attr-defined]
 
 
-async def flip_layer_last_byte(b: ObjectStore, chunks: list, k: int) -> None:
-    path = layer_path(chunks[k][1], 2)
-    data = await b.get(path)
-    await b.put(path, flip(data, len(data) - 1))
+async def flip_layer_checksum(b: ObjectStore, chunks: list, k: int) -> None:
+    await _edit(b, chunks[k][1], lambda d, h: flip(d, h.spans[2].end - 1))  # type: ignore[attr-defined]
 
 
-async def truncate_layer(b: ObjectStore, chunks: list, k: int) -> None:
-    path = layer_path(chunks[k][1], 1)
-    data = await b.get(path)
-    await b.put(path, data[: len(data) // 2])
+async def flip_index_byte(b: ObjectStore, chunks: list, k: int) -> None:
+    await _edit(b, chunks[k][1], lambda d, h: flip(d, 3))
 
 
-async def empty_layer(b: ObjectStore, chunks: list, k: int) -> None:
-    await b.put(layer_path(chunks[k][1], 0), b"")
+async def flip_header_byte(b: ObjectStore, chunks: list, k: int) -> None:
+    await _edit(b, chunks[k][1], lambda d, h: flip(d, 16 * SPEC.num_layers + 4 + 10))
 
 
-async def extend_layer(b: ObjectStore, chunks: list, k: int) -> None:
-    path = layer_path(chunks[k][1], 2)
-    await b.put(path, await b.get(path) + b"\x00")
+async def truncate_object(b: ObjectStore, chunks: list, k: int) -> None:
+    await _edit(b, chunks[k][1], lambda d, h: d[: len(d) // 2])
 
 
-async def delete_layer(b: ObjectStore, chunks: list, k: int) -> None:
-    await b.delete([layer_path(chunks[k][1], 2)])
+async def truncate_last_byte(b: ObjectStore, chunks: list, k: int) -> None:
+    await _edit(b, chunks[k][1], lambda d, h: d[:-1])
+
+
+async def empty_object(b: ObjectStore, chunks: list, k: int) -> None:
+    await b.put(data_path(chunks[k][1]), b"")
+
+
+async def garbage_object(b: ObjectStore, chunks: list, k: int) -> None:
+    await b.put(data_path(chunks[k][1]), os.urandom(300))
 
 
 async def swap_layers(b: ObjectStore, chunks: list, k: int) -> None:
-    """Two valid layer objects in each other's place: same sizes with codec none, only the digest can tell."""
-    p0, p1 = layer_path(chunks[k][1], 0), layer_path(chunks[k][1], 1)
-    d0, d1 = await b.get(p0), await b.get(p1)
-    await b.put(p0, d1)
-    await b.put(p1, d0)
+    """Two layers (each with its own valid crc32c) in each other's place: only the header's crc list can tell."""
+
+    def swap(d: bytes, h: object) -> bytes:
+        s0, s1 = h.spans[0], h.spans[1]  # type: ignore[attr-defined]
+        if s0.nbytes != s1.nbytes:  # compressed layers of other sizes: swap the index entries instead
+            return flip(d, 0)
+        return d[: s0.offset] + d[s1.offset : s1.end] + d[s0.offset : s0.end] + d[s1.end :]
+
+    await _edit(b, chunks[k][1], swap)
 
 
 async def layer_from_other_chunk(b: ObjectStore, chunks: list, k: int) -> None:
     other = 1 if k != 1 else 2
-    await b.put(layer_path(chunks[k][1], 1), await b.get(layer_path(chunks[other][1], 1)))
+    theirs, th = await read_data(b, chunks[other][1])
+
+    def graft(d: bytes, h: object) -> bytes:
+        mine = h.spans[1]  # type: ignore[attr-defined]
+        src = theirs[th.spans[1].offset : th.spans[1].end]
+        if len(src) != mine.nbytes:  # compressed: another size, a damaged index follows
+            return flip(d, 5)
+        return d[: mine.offset] + src + d[mine.end :]
+
+    await _edit(b, chunks[k][1], graft)
 
 
-async def garbage_commit(b: ObjectStore, chunks: list, k: int) -> None:
-    await b.put(commit_path(chunks[k][1]), os.urandom(200))
-
-
-async def truncated_commit(b: ObjectStore, chunks: list, k: int) -> None:
-    path = commit_path(chunks[k][1])
-    data = await b.get(path)
-    await b.put(path, data[: len(data) - 20])
-
-
-async def empty_commit(b: ObjectStore, chunks: list, k: int) -> None:
-    await b.put(commit_path(chunks[k][1]), b"")
-
-
-async def commit_of_other_chunk(b: ObjectStore, chunks: list, k: int) -> None:
-    """A valid commit record, of another chunk (wrong key, parent and index inside)."""
+async def object_of_other_chunk(b: ObjectStore, chunks: list, k: int) -> None:
+    """A whole valid data object, of another chunk (its header names another key)."""
     other = 1 if k != 1 else 2
-    await b.put(commit_path(chunks[k][1]), await b.get(commit_path(chunks[other][1])))
+    await b.put(data_path(chunks[k][1]), await b.get(data_path(chunks[other][1])))
 
 
-async def commit_wrong_key(b: ObjectStore, chunks: list, k: int) -> None:
-    await rewrite_commit(b, chunks[k][1], key=b"\x00" * 32)
+async def header_wrong_key(b: ObjectStore, chunks: list, k: int) -> None:
+    await rewrite_header(b, chunks[k][1], key=b"\x00" * 32)
 
 
-async def commit_wrong_index(b: ObjectStore, chunks: list, k: int) -> None:
-    await rewrite_commit(b, chunks[k][1], index=k + 1)
+async def header_wrong_index(b: ObjectStore, chunks: list, k: int) -> None:
+    await rewrite_header(b, chunks[k][1], index=k + 1)
 
 
-async def commit_wrong_tokens(b: ObjectStore, chunks: list, k: int) -> None:
-    tokens = msgpack.unpackb(await b.get(commit_path(chunks[k][1])))["tokens"]
-    await rewrite_commit(b, chunks[k][1], tokens=tokens - 1)
+async def header_wrong_tokens(b: ObjectStore, chunks: list, k: int) -> None:
+    _, head = await read_data(b, chunks[k][1])
+    await rewrite_header(b, chunks[k][1], num_tokens=head.header.num_tokens - 1)
 
 
-async def commit_wrong_digest(b: ObjectStore, chunks: list, k: int) -> None:
-    obj = msgpack.unpackb(await b.get(commit_path(chunks[k][1])))
-    digests = list(obj["layer_digests"])
-    digests[2] = flip(digests[2], 5)
-    await rewrite_commit(b, chunks[k][1], layer_digests=digests)
+async def header_wrong_crc(b: ObjectStore, chunks: list, k: int) -> None:
+    _, head = await read_data(b, chunks[k][1])
+    await rewrite_header(b, chunks[k][1], layer_crcs=flip(head.header.layer_crcs, 9))
 
 
-async def commit_wrong_size(b: ObjectStore, chunks: list, k: int) -> None:
-    obj = msgpack.unpackb(await b.get(commit_path(chunks[k][1])))
-    await rewrite_commit(b, chunks[k][1], layer_sizes=[s + 1 for s in obj["layer_sizes"]])
+async def header_other_codec(b: ObjectStore, chunks: list, k: int) -> None:
+    """The header claims another known codec than the one the layers were written with."""
+    _, head = await read_data(b, chunks[k][1])
+    other = {"none": "lz4", "lz4": "blosc-lz4", "blosc-lz4": "none"}[head.header.codec]
+    await rewrite_header(b, chunks[k][1], codec=other)
 
 
-async def commit_missing_layer(b: ObjectStore, chunks: list, k: int) -> None:
-    obj = msgpack.unpackb(await b.get(commit_path(chunks[k][1])))
-    await rewrite_commit(b, chunks[k][1], layer_sizes=obj["layer_sizes"][:-1], layer_digests=obj["layer_digests"][:-1])
-
-
-async def commit_other_codec(b: ObjectStore, chunks: list, k: int) -> None:
-    """The commit claims another known codec than the one the layers were written with."""
-    obj = msgpack.unpackb(await b.get(commit_path(chunks[k][1])))
-    other = {"none": "lz4", "lz4": "blosc-lz4", "blosc-lz4": "none"}[obj["codec"]]
-    await rewrite_commit(b, chunks[k][1], codec=other)
-
-
-LAYER_DAMAGE: list[Damage] = [
+DATA_DAMAGE: list[Damage] = [
     flip_layer_byte,
     flip_layer_first_byte,
-    flip_layer_last_byte,
-    truncate_layer,
-    empty_layer,
-    extend_layer,
-    delete_layer,
+    flip_layer_checksum,
+    flip_index_byte,
+    flip_header_byte,
+    truncate_object,
+    truncate_last_byte,
+    empty_object,
+    garbage_object,
     swap_layers,
     layer_from_other_chunk,
 ]
-COMMIT_DAMAGE: list[Damage] = [
-    garbage_commit,
-    truncated_commit,
-    empty_commit,
-    commit_of_other_chunk,
-    commit_wrong_key,
-    commit_wrong_index,
-    commit_wrong_tokens,
-    commit_wrong_digest,
-    commit_wrong_size,
-    commit_missing_layer,
-    commit_other_codec,
+HEADER_DAMAGE: list[Damage] = [
+    object_of_other_chunk,
+    header_wrong_key,
+    header_wrong_index,
+    header_wrong_tokens,
+    header_wrong_crc,
+    header_other_codec,
 ]
 
 
@@ -223,7 +213,7 @@ async def _check_damaged_load(url: str, codec: str, tokens: list[int], kv: list,
         assert hit.chunks_damaged >= 1
         assert_kv_equal(hit.kv, kv, k * CT)
         assert store.stats().chunks_damaged >= 1
-        # repaired: the damaged chunk's commit record is gone, so the chunk is now simply absent
+        # repaired: the damaged chunk's data object is gone, so the chunk is now simply absent
         assert await store.lookup(SPEC, tokens) == k * CT
         again = await store.load_prefix(SPEC, tokens)
         assert (again.num_tokens, again.chunks_damaged) == (k * CT, 0)
@@ -238,19 +228,17 @@ async def _check_damaged_load(url: str, codec: str, tokens: list[int], kv: list,
 
 
 @pytest.mark.parametrize("k", [0, 2, 4])
-@pytest.mark.parametrize("damage", LAYER_DAMAGE, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("damage", DATA_DAMAGE, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("codec", CODECS)
-async def test_damaged_layer_object_ends_the_hit(
+async def test_damaged_data_object_ends_the_hit(
     url: str, codec: str, damage: Damage, k: int, prompt: tuple[list[int], list]
 ) -> None:
     await _check_damaged_load(url, codec, *prompt, k, damage)
 
 
 @pytest.mark.parametrize("k", [0, 3, 4])
-@pytest.mark.parametrize("damage", COMMIT_DAMAGE, ids=lambda d: d.__name__)
-async def test_damaged_commit_record_ends_the_hit(
-    url: str, damage: Damage, k: int, prompt: tuple[list[int], list]
-) -> None:
+@pytest.mark.parametrize("damage", HEADER_DAMAGE, ids=lambda d: d.__name__)
+async def test_lying_header_ends_the_hit(url: str, damage: Damage, k: int, prompt: tuple[list[int], list]) -> None:
     await _check_damaged_load(url, "lz4", *prompt, k, damage)
 
 
@@ -264,7 +252,7 @@ async def test_damage_in_a_tail_found_through_its_marker(url: str, codec: str, p
         await flip_layer_byte(backend, chunks, 4)
     async with kvstore.open(url) as store:
         longer = [*tokens, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-        assert await store.lookup(SPEC, longer) == N_TOKENS  # lookup sees the commit only
+        assert await store.lookup(SPEC, longer) == N_TOKENS  # lookup only sees that the object exists
         hit = await store.load_prefix(SPEC, longer)
         assert (hit.num_tokens, hit.chunks_damaged) == (4 * CT, 1)
         assert_kv_equal(hit.kv, kv, 4 * CT)
@@ -277,8 +265,8 @@ async def test_damage_in_several_chunks_ends_the_hit_at_the_first(url: str, prom
     chunks = chunks_of(SPEC, tokens)
     async with raw_store(url) as backend:
         await flip_layer_byte(backend, chunks, 3)
-        await delete_layer(backend, chunks, 1)
-        await garbage_commit(backend, chunks, 4)
+        await truncate_object(backend, chunks, 1)
+        await garbage_object(backend, chunks, 4)
     async with kvstore.open(url) as store:
         hit = await store.load_prefix(SPEC, tokens)
         assert hit.num_tokens == CT
@@ -286,7 +274,19 @@ async def test_damage_in_several_chunks_ends_the_hit_at_the_first(url: str, prom
         assert_kv_equal(hit.kv, kv, CT)
 
 
-async def test_repair_false_keeps_the_damaged_commit(url: str, prompt: tuple[list[int], list]) -> None:
+async def test_deleted_data_object_is_a_shorter_hit_not_damage(url: str, prompt: tuple[list[int], list]) -> None:
+    tokens, kv = prompt
+    await _save(url, "none", tokens, kv)
+    chunks = chunks_of(SPEC, tokens)
+    async with raw_store(url) as backend:
+        await backend.delete([data_path(chunks[2][1])])
+    async with kvstore.open(url) as store:
+        hit = await store.load_prefix(SPEC, tokens)
+        assert (hit.num_tokens, hit.chunks_damaged) == (2 * CT, 0)
+        assert_kv_equal(hit.kv, kv, 2 * CT)
+
+
+async def test_repair_false_keeps_the_damaged_chunk(url: str, prompt: tuple[list[int], list]) -> None:
     tokens, kv = prompt
     await _save(url, "none", tokens, kv)
     chunks = chunks_of(SPEC, tokens)
@@ -300,38 +300,49 @@ async def test_repair_false_keeps_the_damaged_commit(url: str, prompt: tuple[lis
         assert store.stats().chunks_damaged == 2
         assert store.stats().requests_delete == 0
         async with raw_store(url) as backend:
-            assert await backend.head(commit_path(chunks[1][1])) is not None
-        # the commit is still there, so a save skips the chunk and the damage stays
+            assert await backend.head(data_path(chunks[1][1])) is not None
+        # the data object is still there, so a save skips the chunk and the damage stays
         saved = await store.save_prefix(SPEC, tokens, kv)
         assert saved.chunks_written == 0
         assert (await store.load_prefix(SPEC, tokens)).num_tokens == CT
     async with kvstore.open(url) as store:  # repair=True (the default) retires it; the next save rewrites it
         assert (await store.load_prefix(SPEC, tokens)).num_tokens == CT
         async with raw_store(url) as backend:
-            assert await backend.head(commit_path(chunks[1][1])) is None
+            assert await backend.head(data_path(chunks[1][1])) is None
         assert (await store.save_prefix(SPEC, tokens, kv)).chunks_written >= 1
         full = await store.load_prefix(SPEC, tokens)
         assert full.num_tokens == N_TOKENS
         assert_kv_equal(full.kv, kv, N_TOKENS)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
-async def test_commit_of_another_format_version_is_a_miss_and_left_alone(
+@pytest.mark.parametrize("version", [0, 1, 99])
+async def test_chunk_of_another_format_version_is_a_miss_and_left_alone(
     url: str, version: int, prompt: tuple[list[int], list]
 ) -> None:
     tokens, kv = prompt
     await _save(url, "none", tokens, kv)
     chunks = chunks_of(SPEC, tokens)
     async with raw_store(url) as backend:
-        await rewrite_commit(backend, chunks[2][1], format=version)
-        before = await backend.get(commit_path(chunks[2][1]))
+        await _edit(backend, chunks[2][1], lambda d, h: _with_format(d, h, version))
+        before = await backend.get(data_path(chunks[2][1]))
     async with kvstore.open(url) as store:
         hit = await store.load_prefix(SPEC, tokens)
         assert hit.num_tokens == 2 * CT
         assert hit.chunks_damaged == 0  # not damage: a newer writer's record
         assert_kv_equal(hit.kv, kv, 2 * CT)
     async with raw_store(url) as backend:
-        assert await backend.get(commit_path(chunks[2][1])) == before
+        assert await backend.get(data_path(chunks[2][1])) == before
+
+
+def _with_format(data: bytes, head: object, version: int) -> bytes:
+    """The data object with its header's ``format`` field set to ``version`` (checksums kept consistent)."""
+    h = head  # a ShardHead
+    start, end = index_bytes(SPEC.num_layers), h.spans[0].offset  # type: ignore[attr-defined]
+    obj = msgpack.unpackb(data[start : end - 4])
+    obj["format"] = version
+    body = msgpack.packb(obj, use_bin_type=True)
+    assert len(body) == end - 4 - start  # same width, so the index stays valid
+    return data[:start] + body + crc32c([body]).to_bytes(4, "little") + data[end:]
 
 
 # ---------------------------------------------------------------------- zarr.json is not on the read path
@@ -358,8 +369,9 @@ async def test_zarr_json_is_not_on_the_read_path(
         hit = await store.load_prefix(SPEC, tokens)
         assert (hit.num_tokens, hit.chunks_loaded, hit.chunks_damaged) == (N_TOKENS, N_CHUNKS, 0)
         assert_kv_equal(hit.kv, kv, N_TOKENS)
-        # a load reads each chunk's commit record and layer objects, nothing else
-        assert store.stats().requests_get == N_CHUNKS * (SPEC.num_layers + 1)
+        # a load reads each chunk's data object, nothing else
+        per_chunk = 1 if url.startswith("memory://") else 2  # a local store reads the head, then preadv's the layers
+        assert store.stats().requests_get == N_CHUNKS * per_chunk
         assert await store.lookup(SPEC, tokens) == N_TOKENS
 
 
@@ -632,7 +644,7 @@ async def test_bad_open_options_write_nothing(url: str, options: dict[str, objec
 # ---------------------------------------------------------------------- root record of another version
 
 
-@pytest.mark.parametrize("version", [0, 2, 7])
+@pytest.mark.parametrize("version", [0, 1, 7])
 async def test_store_of_another_format_version_is_refused(url: str, version: int) -> None:
     root = msgpack.packb({"format": version, "magic": "kvstore", "chunk_tokens": CT, "created": 0.0}, use_bin_type=True)
     async with raw_store(url) as backend:
@@ -645,7 +657,7 @@ async def test_store_of_another_format_version_is_refused(url: str, version: int
     assert await listing(url) == {"kvstore.msgpack": len(root)}  # refused, not rewritten
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00garbage", msgpack.packb({"format": 1, "magic": "zarr"})], ids=repr)
+@pytest.mark.parametrize("data", [b"", b"\x00garbage", msgpack.packb({"format": 2, "magic": "zarr"})], ids=repr)
 async def test_damaged_root_record_is_an_integrity_error(url: str, data: bytes) -> None:
     async with raw_store(url) as backend:
         await backend.put("kvstore.msgpack", data)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from _damage_helpers import chunks_of, flip, layer_path, raw_store
-from _gates import GATE_TIMEOUT, only_this_task
+from _damage_helpers import chunks_of, data_path, flip, raw_store, read_data
+from _gates import GATE_TIMEOUT, only_this_task, wait_held
 
 import kvstore
 from kvstore.errors import StoreUnavailableError
@@ -134,8 +134,8 @@ async def test_first_layer_arrives_while_later_layers_are_in_flight(
                 layer, k, v = await anext(layers)
             assert layer == 0
             assert_kv_equal([(k, v)], kv[:1])
-            assert layers.chunks_done == 0  # no chunk is complete: its later layers are still held
-            assert backend.held > 0
+            await wait_held(backend)  # the later layers' reads wait at their gate ...
+            assert layers.chunks_done == 0  # ... so no chunk is complete yet
             backend.open_all()
             rest = [(k, v) async for _, k, v in layers]
         assert_kv_equal([(k, v), *rest], kv)
@@ -143,21 +143,23 @@ async def test_first_layer_arrives_while_later_layers_are_in_flight(
         await store.close()
 
 
-async def test_requests_are_issued_layer_major(
+async def test_every_chunks_layer_0_is_read_before_any_later_layer(
     tmp_path: Path, make_spec: Callable[..., Spec], make_kv: Callable[..., KV], gated_store: type
 ) -> None:
+    """One request at a time makes the schedule exact: every chunk's head and layer 0, then the rest."""
     spec = _spec(make_spec)
     tokens = _tokens()
     await _saved((str(tmp_path / "kv"), None), spec, make_kv(spec, len(tokens)), tokens)
     backend = gated_store(LocalObjectStore(tmp_path / "kv"))
-    store = kvstore.KVStore(backend, kvstore.StoreOptions(chunk_tokens=CT, max_concurrency=3))
+    store = kvstore.KVStore(backend, kvstore.StoreOptions(chunk_tokens=CT, max_concurrency=1))
     try:
         async with store.load_prefix_layers(spec, tokens) as layers:
             assert [layer async for layer, _, _ in layers] == list(range(spec.num_layers))
     finally:
         await store.close()
     n = N_CHUNKS + 1
-    assert backend.order == [layer for layer in range(spec.num_layers) for _ in range(n)]
+    # per chunk: the head (index and header), layer 0 (one preadv), then layers 1.. (one preadv)
+    assert backend.order == [0] * (2 * n) + [1] * n
 
 
 # ---------------------------------------------------------------------- leaving early
@@ -221,28 +223,28 @@ async def test_cancelling_the_consumer_cancels_everything(
 
     def wrap(inner: ObjectStore) -> ObjectStore:
         nonlocal backend
-        backend = gated_store(inner, gated=[2])
+        backend = gated_store(inner, gated=[1])
         return backend  # type: ignore[no-any-return]
 
     store = await _store(store_url, wrap)
     seen: list[int] = []
-    second = asyncio.Event()
+    first = asyncio.Event()
 
     async def consume() -> None:
         async for layer, _, _ in store.load_prefix_layers(spec, tokens):
             seen.append(layer)
-            if layer == 1:
-                second.set()
+            if layer == 0:
+                first.set()
 
     try:
         task = asyncio.create_task(consume())
         async with asyncio.timeout(GATE_TIMEOUT):
-            await second.wait()
-        assert backend.held > 0  # layer 2's GETs wait at their gate
+            await first.wait()
+        await wait_held(backend)  # the reads of the later layers wait at their gate
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert seen == [0, 1]
+        assert seen == [0]
         assert only_this_task()
         assert backend.held == 0
     finally:
@@ -299,13 +301,14 @@ async def test_damage_found_mid_stream_shrinks_num_tokens(
     damaged_layer = 2
     key, prefix = chunks_of(spec, tokens, CT)[bad_chunk]
     async with raw_store(url) if store_url[1] is None else _raw(store_url) as raw:
-        path = layer_path(prefix, damaged_layer)
-        await raw.put(path, flip(await raw.get(path), 7))
+        data, head = await read_data(raw, prefix, spec)
+        span = head.spans[damaged_layer]
+        await raw.put(data_path(prefix), flip(data, (span.offset + span.end) // 2))
     backend: Any = None
 
     def wrap(inner: ObjectStore) -> ObjectStore:
         nonlocal backend
-        backend = gated_store(inner, gated=[damaged_layer])  # layers 0 and 1 come before the damage is seen
+        backend = gated_store(inner, gated=[1])  # layer 0 comes before the damage in layer 2 is seen
         return backend  # type: ignore[no-any-return]
 
     store = await _store(store_url, wrap)
@@ -316,18 +319,18 @@ async def test_damage_found_mid_stream_shrinks_num_tokens(
             async for layer, k, v in layers:
                 assert layers.num_tokens == k.shape[0] == v.shape[0]
                 got.append((k, v))
-                if layer == 1:
+                if layer == 0:
                     assert layers.num_tokens == len(tokens)  # not known yet
                     backend.open_all()
         cut = key.start
         assert layers.num_tokens == cut
         assert layers.chunks_damaged == 1
-        assert [k.shape[0] for k, _ in got] == ([len(tokens)] * 2 + ([cut] if cut else []))
+        assert [k.shape[0] for k, _ in got] == [len(tokens)] + ([cut] * (spec.num_layers - 1) if cut else [])
         assert_kv_equal([(k[:cut], v[:cut]) for k, v in got], [(k[:cut], v[:cut]) for k, v in kv][: len(got)])
         assert store.stats().chunks_damaged == 1
         assert store.stats().chunks_loaded == bad_chunk
         assert only_this_task()
-        # The damaged chunk's commit record was retired (repair), so the next load stops before it at once.
+        # The damaged chunk's data object was deleted (repair), so the next load stops before it at once.
         hit = await store.load_prefix(spec, tokens)
         assert hit.num_tokens == cut
         assert hit.chunks_damaged == 0
