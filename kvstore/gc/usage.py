@@ -17,6 +17,7 @@ from typing import Any
 from kvstore._tasks import task_group
 from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError
 from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME
+from kvstore.formats.shard import CRC_BYTES
 from kvstore.gc.marksweep import split_chunk_key
 from kvstore.gc.report import GCProgress
 from kvstore.reading import read_head
@@ -141,7 +142,7 @@ async def scan_usage(
         tokens = head.header.num_tokens
         stats.sampled_chunks += 1
         stats.sampled_tokens += tokens
-        stats.sampled_stored_bytes += sum(span.nbytes for span in head.spans)
+        stats.sampled_stored_bytes += sum(span.nbytes - CRC_BYTES for span in head.spans)  # encoded layers
         stats.sampled_raw_bytes += tokens * info.spec.row_bytes * 2 * len(head.spans)
 
     if progress is not None:

@@ -19,7 +19,8 @@ import kvstore
 from kvstore.cli import gc_cmd
 from kvstore.cli.main import cli
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, layer_path
+from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.shard import parse_head
 
 OLD = kvstore.ModelSpec("tiny-llama", "v1", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
 NEW = kvstore.ModelSpec("tiny-llama", "v2", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
@@ -72,7 +73,7 @@ def test_stats_reports_totals_and_distribution(tmp_path: Path) -> None:
     data = json.loads(_invoke("stats", url, "--json").output)
     assert data["chunks"] == 6
     assert data["compression_ratio"] == pytest.approx(1.0)
-    assert data["objects_per_chunk"] == pytest.approx(26 / 6)  # 4 objects per chunk + one tail marker per model
+    assert data["objects_per_chunk"] == pytest.approx(14 / 6)  # 2 objects per chunk + one tail marker per model
     assert sum(data["chunk_size_histogram"].values()) == 6
     text = _invoke("stats", url)
     assert text.exit_code == 0
@@ -106,7 +107,7 @@ def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == files
     planned = json.loads(plan.output)
     assert planned["dry_run"]
-    assert planned["freed_objects"] == 13
+    assert planned["freed_objects"] == 7
     text = _invoke("gc", url, "--dry-run")
     assert "nothing deleted" in text.output
     assert "tiny-llama@v1" in text.output
@@ -114,8 +115,8 @@ def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
     done = _invoke("gc", url, "--json", "--grace", "30m")
     assert done.exit_code == 0
     report = json.loads(done.output)
-    assert report["freed_objects"] == 13
-    assert report["reasons"] == {"retired": 13}
+    assert report["freed_objects"] == 7
+    assert report["reasons"] == {"retired": 7}
     with kvstore.sync.open(url) as store:
         assert store.load_prefix(NEW, TOKENS).num_tokens == 40
 
@@ -126,7 +127,7 @@ def test_gc_grace_keeps_young_objects(tmp_path: Path) -> None:
     _invoke("retire", url, "tiny-llama@v1")
     report = json.loads(_invoke("gc", url, "--json").output)  # default grace 1h: all still young
     assert report["freed_objects"] == 0
-    assert sum(m["young_objects"] for m in report["models"]) == 13
+    assert sum(m["young_objects"] for m in report["models"]) == 7
 
 
 def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +139,7 @@ def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: 
     files = sorted(tmp_path.rglob("*"))
     no = _invoke("gc", url, "--confirm-threshold", "5", stdin="n\n")
     assert no.exit_code == 1
-    assert "Delete 13 objects" in no.output
+    assert "Delete 7 objects" in no.output
     assert sorted(tmp_path.rglob("*")) == files
     yes = _invoke("gc", url, "--confirm-threshold", "5", stdin="y\n")
     assert yes.exit_code == 0
@@ -153,15 +154,15 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path) -> None:
     assert ok.exit_code == 0
     assert json.loads(ok.output)["chunks_checked"] == 6
     key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[1]
-    layer = tmp_path / "s" / layer_path(chunk_prefix(model_id(NEW), key.digest), 1)
-    data = bytearray(layer.read_bytes())
-    data[3] ^= 0xFF
-    layer.write_bytes(bytes(data))
+    obj = tmp_path / "s" / data_path(chunk_prefix(model_id(NEW), key.digest))
+    data = bytearray(obj.read_bytes())
+    data[parse_head(bytes(data), NEW.num_layers, len(data)).spans[1].offset + 3] ^= 0xFF  # a byte of layer 1
+    obj.write_bytes(bytes(data))
     bad = _invoke("verify", url, "--model", "tiny-llama@v2", "--json")
     assert bad.exit_code == 3
     report = json.loads(bad.output)
     assert report["chunks_checked"] == 3
-    assert [(d["key"], d["problem"]) for d in report["damaged"]] == [(key.hex, "layer 1 checksum mismatch")]
+    assert [(d["key"], d["problem"]) for d in report["damaged"]] == [(key.hex, "layer 1: layer checksum mismatch")]
     fixed = _invoke("verify", url, "--model", "tiny-llama@v2", "--repair")
     assert fixed.exit_code == 0
     assert "1 damaged, 1 deleted" in fixed.output
@@ -201,7 +202,7 @@ def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: An
     time.sleep(1.1)
     out = subprocess.run([exe, "gc", url, "--grace", "1s", "--json"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["reasons"] == {"retired": 13}
+    assert json.loads(out.stdout)["reasons"] == {"retired": 7}
     ls = subprocess.run([exe, "ls", url, "--json"], capture_output=True, text=True, env=env)
     rows = {m["label"]: m for m in json.loads(ls.stdout)["models"]}
     assert rows["tiny-llama@v1"]["objects"] == 0

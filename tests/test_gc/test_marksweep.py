@@ -14,7 +14,7 @@ from gc_helpers import put_raw, run_gc_at, snapshot
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, key_root, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, commit_path, model_chunks_prefix, tails_prefix
+from kvstore.formats.layout import chunk_prefix, data_path, model_chunks_prefix, tails_prefix
 
 CHUNK = 4
 PROMPT = list(range(100, 118))  # 4 full chunks + a 2-token tail
@@ -187,7 +187,7 @@ async def test_broken_chain_is_collected_and_a_new_save_restores_it(
     mid = model_id(spec)
     keys = chunk_keys(spec, normalize_tokens(PROMPT), CHUNK)
     backend = await kvstore.storage.open_object_store(url, opts)
-    await backend.delete([commit_path(chunk_prefix(mid, keys[1].digest))])  # chunk 1 lost its commit
+    await backend.delete([data_path(chunk_prefix(mid, keys[1].digest))])  # chunk 1 lost its commit
     await backend.close()
 
     report = await run_gc_at(url, opts)
@@ -214,7 +214,7 @@ async def test_chunks_after_a_gap_are_rewritten_not_skipped(
     kv = make_kv(spec, len(PROMPT))
     await _save(url, opts, spec, PROMPT, kv)
     keys = chunk_keys(spec, normalize_tokens(PROMPT), CHUNK)
-    await asyncio.to_thread(Path(url, commit_path(chunk_prefix(model_id(spec), keys[2].digest))).unlink)
+    await asyncio.to_thread(Path(url, data_path(chunk_prefix(model_id(spec), keys[2].digest))).unlink)
     async with kvstore.open(url, storage_options=opts) as store:
         res = await store.save_prefix(spec, PROMPT, kv)
     assert (res.chunks_skipped, res.chunks_written) == (2, 3)
@@ -290,7 +290,7 @@ async def test_delete_failures_are_reported_and_an_interrupted_gc_is_finished_by
 
     url, opts = store_url
     specs = [make_spec(version=f"v{i}") for i in range(3)]
-    long_prompt = list(range(4 * 130))
+    long_prompt = list(range(4 * 300))  # 2 objects a chunk: over one DeleteObjects batch of 1000 to collect
     for spec in specs:
         await _save(url, opts, spec, long_prompt, make_kv(spec, len(long_prompt)))
     async with kvstore.open(url, storage_options=opts) as store:
@@ -302,11 +302,11 @@ async def test_delete_failures_are_reported_and_an_interrupted_gc_is_finished_by
         await mark_and_sweep(backend, _FailingBulk(StoreBulkOps(backend), interrupt=True), grace=0, now=now)
     assert [m async for m in backend.list(model_chunks_prefix(model_id(specs[0])))] != []
 
-    report = await mark_and_sweep(backend, _FailingBulk(StoreBulkOps(backend), refuse="/c.1."), grace=0, now=now)
+    report = await mark_and_sweep(backend, _FailingBulk(StoreBulkOps(backend), refuse="/zarr.json"), grace=0, now=now)
     assert not report.ok
     assert report.failures_total > 0
     assert len(report.failures) == min(100, report.failures_total)
-    assert all("/c.1." in f.key and f.error == "AccessDenied: test" for f in report.failures)
+    assert all(f.key.endswith("/zarr.json") and f.error == "AccessDenied: test" for f in report.failures)
     assert report.freed_objects + report.failures_total == sum(report.reasons.values())
 
     finish = await mark_and_sweep(backend, StoreBulkOps(backend), grace=0, now=now)

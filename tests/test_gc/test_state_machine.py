@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, commit_path, tails_prefix
+from kvstore.formats.layout import chunk_prefix, data_path, tails_prefix
 from kvstore.storage import open_object_store
 
 CHUNK = 4
@@ -82,7 +82,7 @@ class GCMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.saved.values()))
     @rule(data=st.data())
     def damage(self, data: st.DataObject) -> None:
-        """Lose one commit record (as a repair after a failed checksum would)."""
+        """Lose one data object (as a repair after a failed checksum would)."""
         version = data.draw(st.sampled_from([v for v in VERSIONS if self.saved[v]]))
         base, n = data.draw(st.sampled_from(sorted(self.saved[version])))
         keys = chunk_keys(_spec(version), normalize_tokens(BASES[base][:n]), CHUNK)
@@ -90,7 +90,7 @@ class GCMachine(RuleBasedStateMachine):
 
         async def go() -> None:
             backend = await open_object_store(self.url)
-            await backend.delete([commit_path(chunk_prefix(model_id(_spec(version)), key.digest))])
+            await backend.delete([data_path(chunk_prefix(model_id(_spec(version)), key.digest))])
             await backend.close()
 
         self._run(go())
@@ -104,7 +104,7 @@ class GCMachine(RuleBasedStateMachine):
         self.dirty = True
 
     def _reachable(self) -> set[str]:
-        """Oracle: the objects of every chunk of a live version whose whole chain has commit records."""
+        """Oracle: the objects of every chunk of a live version whose whole chain has data objects."""
 
         async def go() -> set[str]:
             backend = await open_object_store(self.url)
@@ -116,7 +116,7 @@ class GCMachine(RuleBasedStateMachine):
                 for base, n in self.saved[version]:
                     for key in chunk_keys(spec, normalize_tokens(BASES[base][:n]), CHUNK):
                         prefix = chunk_prefix(mid, key.digest)
-                        if await backend.head(commit_path(prefix)) is None:
+                        if await backend.head(data_path(prefix)) is None:
                             break
                         keep.update(m.key for m in [m async for m in backend.list(prefix)] if "/tails/" not in m.key)
                         if key.num_tokens < CHUNK:

@@ -1,7 +1,7 @@
 """Concurrent loads of overlapping prefixes read each stored object once (kvstore/fetching.py).
 
-Overlap is made certain with gates (layer GETs held until the test opens them);
-the request counts come from the conftest counting store.
+Overlap is made certain with gates (every chunk's first read held until the test
+opens them); the request counts come from the conftest counting store.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from _gates import make_gated, wait_held
 import kvstore
 from kvstore.fetching import SharedReads
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, layer_path
+from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.shard import parse_head
 from kvstore.storage import open_object_store
 
 CT = 16
@@ -34,9 +35,14 @@ def _prompts() -> tuple[list[int], list[int]]:
 
 
 async def _setup(
-    store_url: tuple[str, Any], make_spec: Callable[..., Spec], make_kv: Callable[..., KV], counting_store: type
+    store_url: tuple[str, Any],
+    make_spec: Callable[..., Spec],
+    make_kv: Callable[..., KV],
+    counting_store: type,
+    *,
+    repair: bool = True,
 ) -> tuple[Spec, Any, kvstore.KVStore, list[tuple[list[int], KV]]]:
-    """Both prompts saved (their common prefix once), then a store whose every layer GET waits at a gate."""
+    """Both prompts saved (their common prefix once), then a store whose first read of every chunk waits at a gate."""
     spec = make_spec(torch.bfloat16, name="shared", num_layers=LAYERS)
     a, b = _prompts()
     kv_a = make_kv(spec, len(a), seed=1)
@@ -46,8 +52,9 @@ async def _setup(
     async with kvstore.open(url, storage_options=options, chunk_tokens=CT) as store:
         await store.save_prefix(spec, a, kv_a)
         await store.save_prefix(spec, b, kv_b)
-    backend = make_gated(counting_store)(await open_object_store(url, options), gated=range(LAYERS))
-    return spec, backend, kvstore.KVStore(backend, kvstore.StoreOptions(chunk_tokens=CT)), [(a, kv_a), (b, kv_b)]
+    backend = make_gated(counting_store)(await open_object_store(url, options), gated=[0])
+    store = kvstore.KVStore(backend, kvstore.StoreOptions(chunk_tokens=CT, repair=repair))
+    return spec, backend, store, [(a, kv_a), (b, kv_b)]
 
 
 async def _overlap(
@@ -55,14 +62,15 @@ async def _overlap(
 ) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
     """Load ``a`` then ``b`` so that b's requests arrive while every one of a's reads is held at a gate."""
     load_a = asyncio.create_task(store.load_prefix(spec, a))
-    await wait_held(backend, 5 * LAYERS)  # every layer object of a is being read
+    await wait_held(backend, 5)  # every chunk of a is being read
     load_b = asyncio.create_task(store.load_prefix(spec, b))
-    await wait_held(backend, 6 * LAYERS)  # b reads only its own last chunk; it waits on a's reads for the rest
+    await wait_held(backend, 6)  # b reads only its own last chunk; it waits on a's reads for the rest
     return load_a, load_b
 
 
-def _layer_gets(backend: Any) -> int:
-    return len(backend.order)
+def _chunk_reads(backend: Any) -> int:
+    """Chunks read: a local file is read in two requests (the head, then every layer at once), others in one."""
+    return len(backend.order) // (2 if backend.reads_into_buffers else 1)
 
 
 async def test_overlapping_loads_read_each_object_once(
@@ -80,9 +88,9 @@ async def test_overlapping_loads_read_each_object_once(
         assert (hit_a.num_tokens, hit_b.num_tokens) == (len(a), len(b))
         assert_kv_equal(hit_a.kv, kv_a)
         assert_kv_equal(hit_b.kv, kv_b)
-        assert _layer_gets(backend) == 6 * LAYERS  # without sharing: 5 + 4 chunks of 2 layers
-        assert store.stats().reads_shared == 3 * LAYERS
-        assert len(store._shared_reads) == 0
+        assert _chunk_reads(backend) == 6  # without sharing: 5 + 4 chunks
+        assert store.stats().reads_shared == 3
+        assert len(store._loads.shared) == 0
 
 
 async def test_cancelled_owner_leaves_followers_to_read_themselves(
@@ -98,13 +106,13 @@ async def test_cancelled_owner_leaves_followers_to_read_themselves(
         load_a.cancel()
         with pytest.raises(asyncio.CancelledError):
             await load_a
-        await wait_held(backend, 4 * LAYERS)  # b now reads the common chunks itself
+        await wait_held(backend, 4)  # b now reads the common chunks itself
         backend.open_all()
         hit_b = await load_b
         assert hit_b.num_tokens == len(b)
         assert_kv_equal(hit_b.kv, kv_b)
         assert store.stats().reads_shared == 0
-        assert len(store._shared_reads) == 0
+        assert len(store._loads.shared) == 0
 
 
 async def test_damage_seen_by_the_owner_is_seen_by_followers(
@@ -115,11 +123,18 @@ async def test_damage_seen_by_the_owner_is_seen_by_followers(
     assert_kv_equal: Callable[..., None],
     slice_kv: Callable[..., KV],
 ) -> None:
-    """A follower never takes bytes its owner rejected: it reads (and rejects) them itself."""
-    spec, backend, store, [(a, kv_a), (b, _)] = await _setup(store_url, make_spec, make_kv, counting_store)
+    """A follower never takes bytes its owner rejected: it reads (and rejects) them itself.
+
+    Without repair, so that the owner's load does not delete the object before the follower reads it.
+    """
+    spec, backend, store, [(a, kv_a), (b, _)] = await _setup(
+        store_url, make_spec, make_kv, counting_store, repair=False
+    )
     key = chunk_keys(spec, normalize_tokens(a), CT)[1]
-    damaged = layer_path(chunk_prefix(model_id(spec), key.digest), 1)
-    await backend.inner.put(damaged, b"\0" * len(await backend.inner.get(damaged)))
+    damaged = data_path(chunk_prefix(model_id(spec), key.digest))
+    data = await backend.inner.get(damaged)
+    span = parse_head(data, LAYERS, len(data)).spans[1]
+    await backend.inner.put(damaged, data[: span.offset] + b"\0" * span.nbytes + data[span.end :])
     async with store:
         load_a, load_b = await _overlap(store, backend, spec, a, b)
         backend.open_all()
