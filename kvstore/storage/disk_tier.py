@@ -117,8 +117,7 @@ class DiskTier:
             self._forget(key)
             return None
         self._note(key, size)  # a copy another process wrote is adopted here
-        if self.used > self.budget:
-            await asyncio.to_thread(self._unlink, self._over_budget())
+        await self._evict()
         return data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes | None:
@@ -136,13 +135,17 @@ class DiskTier:
             logger.warning("disk cache %s: cannot write %r: %s", self.root, key, exc)
             return
         self._note(key, size)
-        await asyncio.to_thread(self._unlink, self._over_budget())
+        await self._evict()
 
     async def drop(self, keys: Sequence[str]) -> None:
         """Remove the copies of ``keys``; the next ``get`` of each is a miss."""
         for key in keys:
             self._forget(key)
         await asyncio.to_thread(self._unlink, keys, prune=False)
+
+    async def _evict(self) -> None:
+        if victims := self._over_budget():  # no thread hop while within the budget
+            await asyncio.to_thread(self._unlink, victims)
 
     def _note(self, key: str, size: int) -> None:
         old = self._index.pop(key, None)
