@@ -2,7 +2,7 @@
 
 Only objects that never change once written (``cacheable``: a chunk's data and
 metadata, which are content-addressed) are cached; records that can be
-rewritten or deleted (root, model, retirement and commit records, tail markers)
+rewritten or deleted (root, model and retirement records, tail markers)
 always go to the source, so a change there is seen at once. Reads of cacheable
 objects try host memory, then the disk tier, then the source, and fill the
 faster tiers on the way back. Writes go through to the source first (it stays
