@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from kvstore.errors import IntegrityError, InvalidInputError, ObjectNotFoundError, StoreConfigError
 from kvstore.formats.codecs import DEFAULT_CODEC
-from kvstore.formats.layout import ROOT_RECORD
+from kvstore.formats.layout import ROOT_RECORD, is_cacheable
 from kvstore.formats.records import RootRecord
 from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES
 from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage.disk_tier import DEFAULT_DISK_CACHE_BYTES, DiskTier, cache_dir, source_identity
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.tiers import TieredObjectStore
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
@@ -41,7 +43,16 @@ class OpenOptions(TypedDict, total=False):
     namespace: str | None
     memory_cache_bytes: int
     cache_url: str | os.PathLike[str] | None
+    disk_cache_bytes: int
     pinned_pool_bytes: int
+
+
+class _TierOptions(NamedTuple):
+    """The cache tiers ``open`` puts in front of the store."""
+
+    memory_bytes: int = 0
+    cache_dir: Path | None = None
+    disk_bytes: int = DEFAULT_DISK_CACHE_BYTES
 
 
 class _Opening:
@@ -54,7 +65,7 @@ class _Opening:
         overrides: dict[str, Any],
         create: bool,
         retry: RetryPolicy | None,
-        tiers: tuple[int, str | os.PathLike[str] | None],
+        tiers: _TierOptions,
     ):
         self._url = url
         self._storage_options = storage_options
@@ -96,6 +107,7 @@ def open(  # noqa: A001 - the public name the API promises
     namespace: str | None = None,
     memory_cache_bytes: int = 0,
     cache_url: str | os.PathLike[str] | None = None,
+    disk_cache_bytes: int = DEFAULT_DISK_CACHE_BYTES,
     pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
@@ -110,16 +122,21 @@ def open(  # noqa: A001 - the public name the API promises
     chunks are never shared with, or visible from, another namespace.
     ``memory_cache_bytes`` puts a host-memory LRU of that many bytes of objects in
     front of the store, and ``cache_url`` a local-disk tier (e.g. an NVMe
-    directory in front of ``s3://``); reads fill them, writes go through to the
-    store first, and ``stats()`` counts hits per tier.
+    directory in front of ``s3://``) of at most ``disk_cache_bytes`` (10 GiB;
+    least recently used copies go first) in a subdirectory of its own per
+    store; reads fill them, writes go through to the store first, and
+    ``stats()`` counts hits per tier. Only chunk data is cached: records that
+    can change are always read from the store.
     ``pinned_pool_bytes`` bounds the pinned host memory used to stage copies to
     and from CUDA devices (1 GiB; allocated on first use and reused; 0 disables
     pinning). See docs/GPU.md.
     """
-    if isinstance(memory_cache_bytes, bool) or not isinstance(memory_cache_bytes, int) or memory_cache_bytes < 0:
-        raise InvalidInputError(f"memory_cache_bytes must be an int >= 0, got {memory_cache_bytes!r}")
+    for name, value in (("memory_cache_bytes", memory_cache_bytes), ("disk_cache_bytes", disk_cache_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
     url = namespace_url(url, namespace)
-    tiers = (memory_cache_bytes, None if cache_url is None else namespace_url(cache_url, namespace))
+    # The disk tier keeps a subdirectory per store (namespaces included): cache_url itself is shared.
+    tiers = _TierOptions(memory_cache_bytes, None if cache_url is None else cache_dir(cache_url), disk_cache_bytes)
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidInputError(f"retry must be a kvstore.RetryPolicy or None, got {type(retry).__name__}")
     overrides: dict[str, Any] = {
@@ -160,16 +177,18 @@ async def _open_store(
     overrides: dict[str, Any],
     create: bool,
     retry: RetryPolicy | None,
-    tiers: tuple[int, str | os.PathLike[str] | None] = (0, None),
+    tiers: _TierOptions,
 ) -> KVStore:
     backend = await open_object_store(url, storage_options)
     if retry is not None:
         backend = ResilientObjectStore(backend, retry)
-    memory_budget, cache_url = tiers
-    if memory_budget or cache_url is not None:
-        disk = None if cache_url is None else await open_object_store(cache_url)
-        backend = TieredObjectStore(backend, memory_budget=memory_budget, disk=disk)
     try:
+        if tiers.memory_bytes or tiers.cache_dir is not None:
+            disk = None
+            if tiers.cache_dir is not None:
+                source = source_identity(backend.url, storage_options)
+                disk = await DiskTier.open(tiers.cache_dir, source, tiers.disk_bytes)
+            backend = TieredObjectStore(backend, cacheable=is_cacheable, memory_budget=tiers.memory_bytes, disk=disk)
         root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
     except BaseException:
         await backend.close()

@@ -91,6 +91,10 @@ class StoreStats:
     source_bytes: int = 0
     source_seconds: float = 0.0
     memory_evictions: int = 0
+    disk_used_bytes: int = 0
+    """Bytes of cached copies in the local-disk tier (``disk_cache_bytes`` bounds it)."""
+    disk_evictions: int = 0
+    """Copies the disk tier removed, least recently used first, to stay within its budget."""
     pinned_bytes: int = 0
     """Pinned host memory held for CUDA copies (``pinned_pool_bytes`` caps it; 0 before the first CUDA call)."""
     pinned_reuses: int = 0

@@ -17,9 +17,10 @@ from pathlib import Path
 from kvstore.errors import ObjectNotFoundError
 from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
 
-__all__ = ["LocalObjectStore"]
+__all__ = ["TMP_MARK", "LocalObjectStore"]
 
-_TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"
+"""In the name of a file being written (published by rename, or garbage of a crashed writer)."""
 # A directory, or a path below a file, is no object: the key is missing, as on an object store.
 _NO_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv/writev
@@ -110,7 +111,7 @@ class LocalObjectStore(ObjectStore):
     @staticmethod
     def _open_tmp(path: Path) -> Path:
         """Create an empty temporary file beside ``path`` (and its directory on first use)."""
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(tmp, flags, 0o644)

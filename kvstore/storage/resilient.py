@@ -141,6 +141,7 @@ class ResilientObjectStore(ObjectStore):
         self.policy = policy or RetryPolicy()
         self.url = inner.url
         self.reads_into_buffers = inner.reads_into_buffers
+        self.has_cache_tiers = inner.has_cache_tiers
         self.stats = RetryStats()
         self.breaker = CircuitBreaker(self.policy.breaker_threshold, self.policy.breaker_cooldown, self.stats, clock)
 
@@ -235,6 +236,9 @@ class ResilientObjectStore(ObjectStore):
 
     async def delete(self, keys: Sequence[str]) -> None:
         await self._request(keys[0] if keys else "", lambda: self.inner.delete(keys))
+
+    async def drop_cached(self, key: str) -> None:
+        await self.inner.drop_cached(key)
 
     async def close(self) -> None:
         await self.inner.close()
