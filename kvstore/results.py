@@ -67,9 +67,9 @@ class StoreStats:
     loads_timed_out: int = 0
     """Loads that returned what was complete at their ``timeout``."""
     reads_shared: int = 0
+    """Chunks a load got from another load's read in flight instead of its own request."""
     cache_rereads: int = 0
     """Chunks whose cache-tier copy failed verification and were read again from the source."""
-    """Layer objects a load got from another load's read in flight instead of its own GET."""
     retries: int = 0
     """Requests sent again after a transient failure (see ``RetryPolicy``)."""
     failures: int = 0

@@ -11,6 +11,8 @@ import pytest
 
 import kvstore
 from kvstore.errors import CircuitOpenError, ObjectNotFoundError, StorePermissionError, StoreUnavailableError
+from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import chunk_prefix, data_path
 from kvstore.storage import LocalObjectStore, ObjectMeta, ObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.testing.faultproxy import FaultProxy
@@ -298,12 +300,14 @@ async def test_a_load_deadline_returns_what_is_complete(
     options = _through(proxy, s3_store_url)
     async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=policy) as store:
         await store.save_prefix(spec, tokens, kv)
-        proxy.inject("stall", 1, match="c.1.0.0.0.0")  # one layer object of the first chunk never arrives
+        key = chunk_keys(spec, normalize_tokens(tokens), 16)[1]
+        path = s3_store_url.url.removeprefix("s3://") + "/" + data_path(chunk_prefix(model_id(spec), key.digest))
+        proxy.inject("stall", 1, match=f"GET /{path} ")  # the second chunk's data object never arrives
         t0 = time.monotonic()
         hit = await store.load_prefix(spec, tokens, timeout=0.5)
         assert time.monotonic() - t0 < 3.0
         assert store.stats().loads_timed_out == 1
-    # The chunk whose layer 1 stalled is incomplete: the hit stops before it, and what it holds is exact.
+    # The chunk that stalled is incomplete: the hit stops before it, and what it holds is exact.
     n = hit.num_tokens
     assert n < 64
     assert n % 16 == 0
