@@ -1,7 +1,7 @@
 """One read per stored object at a time: concurrent loads of overlapping prefixes share it.
 
 Requests for a common system prompt arrive together; without sharing, each load
-would GET the same layer objects. The first load to ask for an object owns the
+would GET the same data objects. The first load to ask for an object owns the
 read; loads asking while it is in flight register their destination buffers and
 wait. The owner, once its bytes are read and verified, copies them into every
 waiting buffer before it releases anything, so a follower never reads memory
@@ -55,7 +55,7 @@ class SharedReads:
         """The owner read and verified ``src``: fill every follower's buffers; how many were served.
 
         The copies run here, on the loop's thread, before the owner can release
-        ``src``: a layer object is a few hundred KiB to a few MiB, so a memcpy per
+        ``src``: a chunk is a few MiB to a few tens of MiB, so a memcpy per
         follower costs less than a thread hand-off and leaves no copy racing a reuse.
         """
         read = self._reads.pop(path, None)

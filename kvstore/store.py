@@ -69,7 +69,7 @@ class StoreOptions:
     verify: bool = True
     save_tail: bool = True
     repair: bool = True
-    """Delete the commit record of a chunk found damaged, so the next save rewrites it."""
+    """Delete the data object of a chunk found damaged in the source, so the next save rewrites it."""
     fail_open: bool = True
     """Loads and lookups turn a store failure into a (shorter) hit, logged and counted; saves always raise."""
     writeback_budget: int = 1 << 30

@@ -48,7 +48,7 @@ EXIT_ERROR = 1
 EXIT_DAMAGED = 3
 EXIT_INTERRUPTED = 130
 
-_PHASES = {"list": "listing", "read": "marking (commit records)", "sweep": "sweeping", "verify": "verifying"}
+_PHASES = {"list": "listing", "read": "marking (chunk headers)", "sweep": "sweeping", "verify": "verifying"}
 
 
 def parse_options(pairs: Sequence[str], url: str | None = None) -> dict[str, Any]:

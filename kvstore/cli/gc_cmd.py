@@ -59,7 +59,7 @@ def _print_report(report: Any, console: Console) -> None:
     console.print(_summary_table(report))
     reasons = ", ".join(f"{n:,} {r}" for r, n in sorted(report.reasons.items())) or "nothing to collect"
     console.print(
-        f"{report.objects_listed:,} objects listed, {report.commits_read:,} commit records read, "
+        f"{report.objects_listed:,} objects listed, {report.commits_read:,} chunk headers read, "
         f"{report.chunks_reachable:,} chunks reachable; garbage: {reasons}; "
         f"grace {report.grace:g}s; took {report.elapsed:.2f}s"
     )

@@ -1,7 +1,7 @@
 """The on-store format: everything kvstore persists is defined in this subpackage.
 
 The format is specified in ``docs/FORMAT.md``; the version below is written into
-the store's root record and every commit record. Bump it for any change a reader
+the store's root record, every record and every chunk's header. Bump it for any change a reader
 of the previous version could not understand.
 """
 

@@ -1,6 +1,6 @@
-"""Codecs for a layer object's bytes, and their zarr v3 codec-chain descriptions.
+"""Codecs for one layer's bytes in a chunk, and their zarr v3 codec-chain descriptions.
 
-A layer object holds layer l's K then V for one chunk, as raw little-endian
+A chunk's inner chunk for layer l holds its K then V, as raw little-endian
 bytes (zarr's ``bytes`` codec), optionally compressed. Each codec names the zarr
 codec chain it produces so plain zarr-python can read the data, and decoders
 check sizes from headers *before* allocating, so a hostile header cannot force a
@@ -31,7 +31,7 @@ _BYTES_CODEC: dict[str, Any] = {"name": "bytes", "configuration": {"endian": "li
 
 
 class Codec(ABC):
-    """Encode and decode one layer object."""
+    """Encode and decode one layer of a chunk."""
 
     name: str
 
@@ -59,7 +59,7 @@ class _NoCompression(Codec):
 
     def decode(self, data: Buffer, nbytes: int) -> memoryview:
         if len(data) != nbytes:
-            raise IntegrityError(f"layer object is {len(data)} bytes, expected {nbytes}")
+            raise IntegrityError(f"layer is {len(data)} bytes, expected {nbytes}")
         return memoryview(data)
 
 
@@ -75,11 +75,11 @@ class _Lz4Block(Codec):
 
     def decode(self, data: Buffer, nbytes: int) -> memoryview:
         if len(data) < 4 or int.from_bytes(bytes(data[:4]), "little") != nbytes:
-            raise IntegrityError("lz4 layer object has a wrong size header")
+            raise IntegrityError("lz4 layer has a wrong size header")
         try:
             out = lz4.block.decompress(data)
         except lz4.block.LZ4BlockError as exc:
-            raise IntegrityError(f"lz4 layer object does not decode: {exc}") from exc
+            raise IntegrityError(f"lz4 layer does not decode: {exc}") from exc
         return memoryview(out)
 
 
@@ -102,15 +102,15 @@ class _BloscLz4(Codec):
 
         # blosc header (16 bytes): version, versionlz, flags, typesize, nbytes, blocksize, cbytes (u32 LE)
         if len(data) < 16:
-            raise IntegrityError("blosc layer object is shorter than its header")
+            raise IntegrityError("blosc layer is shorter than its header")
         header = bytes(data[:16])
         if int.from_bytes(header[4:8], "little") != nbytes or int.from_bytes(header[12:16], "little") != len(data):
-            raise IntegrityError("blosc layer object has wrong sizes in its header")
+            raise IntegrityError("blosc layer has wrong sizes in its header")
         out = bytearray(nbytes)
         try:
             blosc.decompress(data, out)
         except Exception as exc:  # numcodecs raises RuntimeError and others for bad data
-            raise IntegrityError(f"blosc layer object does not decode: {exc}") from exc
+            raise IntegrityError(f"blosc layer does not decode: {exc}") from exc
         return memoryview(out)
 
 

@@ -103,7 +103,14 @@ class RootRecord:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> RootRecord:
-        obj = _unpack(data, _MAX_SMALL_RECORD, "root")
+        try:
+            obj = _unpack(data, _MAX_SMALL_RECORD, "root")
+        except FormatVersionError as exc:
+            version = msgpack.unpackb(data, raw=False).get("format")  # _unpack parsed it before refusing
+            raise FormatVersionError(
+                f"the store is in kvstore format version {version}; this kvstore reads format version "
+                f"{FORMAT_VERSION} only (there is no migration: save into a new store)"
+            ) from exc
         if obj.get("magic") != STORE_MAGIC:
             raise IntegrityError("root record does not identify a kvstore store")
         return cls(

@@ -78,7 +78,7 @@ def _contains(sorted_arr: np.ndarray, value: int) -> bool:
 
 @dataclass(slots=True)
 class _Commits:
-    """Valid commit records of one live model, as parallel compact arrays."""
+    """Valid chunk headers of one live model, as parallel compact arrays."""
 
     keys: array[int] = field(default_factory=lambda: array("Q"))
     parents: array[int] = field(default_factory=lambda: array("Q"))

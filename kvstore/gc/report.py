@@ -13,7 +13,7 @@ __all__ = ["REASONS", "GCProgress", "GCReport", "ModelUsage"]
 REASONS = {
     "retired": "objects of a retired model version",
     "unknown-model": "objects under a model id with no model record",
-    "uncommitted": "objects of a chunk without a valid commit record (crashed or in-flight writer)",
+    "uncommitted": "objects of a chunk without a valid data object (crashed or in-flight writer)",
     "unreachable": "committed chunks whose chain does not lead back to the model's root",
     "stale-tail": "tail markers whose partial chunk is not reachable",
     "temp": "temporary files of interrupted local writes",
@@ -103,7 +103,7 @@ class GCReport:
 
 
 class GCProgress(Protocol):
-    """Progress callbacks: phases ``list`` (mark listing), ``read`` (commit records), ``sweep``."""
+    """Progress callbacks: phases ``list`` (mark listing), ``read`` (chunk headers), ``sweep``."""
 
     def start(self, phase: str, total: int | None) -> None: ...
 

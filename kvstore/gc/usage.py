@@ -1,6 +1,6 @@
 """Usage scan: what a store holds per model version (for ``kvstore ls`` and ``kvstore stats``).
 
-One listing of ``chunks/`` plus a bounded sample of commit records per model
+One listing of ``chunks/`` plus a bounded sample of chunk headers per model
 (for token counts and the compression ratio), so a scan of a huge store costs
 its listing and a few hundred GETs.
 """
@@ -48,7 +48,7 @@ class ModelStats:
 
     @property
     def compression_ratio(self) -> float | None:
-        """Decoded KV bytes per stored layer byte, from the sampled commit records."""
+        """Decoded KV bytes per stored layer byte, from the sampled chunk headers."""
         return self.sampled_raw_bytes / self.sampled_stored_bytes if self.sampled_stored_bytes else None
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,7 +113,7 @@ async def scan_usage(
     """List the store once and sum objects, bytes and committed chunks per model version.
 
     Chunk sizes are summed over consecutive objects of one chunk directory (listings
-    of local directories and S3 are grouped that way). ``sample`` commit records per
+    of local directories and S3 are grouped that way). ``sample`` chunk headers per
     model give the compression ratio and tokens per chunk.
     """
     started = time.monotonic()

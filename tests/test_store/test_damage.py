@@ -649,11 +649,23 @@ async def test_store_of_another_format_version_is_refused(url: str, version: int
     root = msgpack.packb({"format": version, "magic": "kvstore", "chunk_tokens": CT, "created": 0.0}, use_bin_type=True)
     async with raw_store(url) as backend:
         await backend.put("kvstore.msgpack", root)
-    with pytest.raises(kvstore.FormatVersionError):
+    with pytest.raises(kvstore.FormatVersionError) as info:
         async with kvstore.open(url):
             pass
+    # the message names both versions: the store's and the one this kvstore reads
+    assert f"format version {version};" in str(info.value)
+    assert f"reads format version {kvstore.FORMAT_VERSION} only" in str(info.value)
     with pytest.raises(kvstore.FormatVersionError):
         kvstore.sync.open(url).close()
+    if not url.startswith("memory://"):  # the CLI says the same in one line
+        from click.testing import CliRunner
+
+        from kvstore.cli.main import cli
+
+        out = CliRunner().invoke(cli, ["ls", url])
+        assert out.exit_code == 1
+        assert out.output.count("\n") == 1
+        assert f"format version {version};" in out.output
     assert await listing(url) == {"kvstore.msgpack": len(root)}  # refused, not rewritten
 
 
