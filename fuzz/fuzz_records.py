@@ -31,7 +31,10 @@ _MID = model_id(_SPEC)
 _SAMPLES = [
     (RootRecord, RootRecord(256, created=1.0).to_msgpack()),
     (ModelRecord, ModelRecord(_MID, _SPEC, created=1.0).to_msgpack()),
-    (ChunkHeader, ChunkHeader(b"k" * 32, b"p" * 32, 0, _MID, 16, 2, "none", 1.0).to_msgpack()),
+    (
+        ChunkHeader,
+        ChunkHeader(b"k" * 32, b"p" * 32, 0, _MID, 16, 2, "none", layer_crcs=b"c" * 8, created=1.0).to_msgpack(),
+    ),
     (RetirementRecord, RetirementRecord(_MID, retired_by="ops", reason="why", retired_at=1.0).to_msgpack()),
 ]
 _FIELDS = [msgpack.unpackb(data) for _, data in _SAMPLES]

@@ -41,15 +41,13 @@ _RAW = 2 * _KEY.num_tokens * _SPEC.row_bytes
 def _valid(codec: str) -> bytes:
     rng = np.random.default_rng(0)
     layers = [(rng.bytes(_RAW // 2), rng.bytes(_RAW // 2)) for _ in range(_SPEC.num_layers)]
-    header = ChunkHeader(_KEY.digest, _KEY.parent, _KEY.index, _MID, _KEY.num_tokens, _SPEC.num_layers, codec, 1.0)
+    header = ChunkHeader(_KEY.digest, _KEY.parent, _KEY.index, _MID, _KEY.num_tokens, _SPEC.num_layers, codec)
     stored = encode_layers(get_codec(codec), [(memoryview(k), memoryview(v)) for k, v in layers], 2)
     return b"".join(bytes(p) for p in data_object(header, stored))
 
 
 _VALID = [_valid(codec) for codec in CODEC_NAMES]
-_HEADER = msgpack.unpackb(
-    ChunkHeader(_KEY.digest, _KEY.parent, _KEY.index, _MID, _KEY.num_tokens, 3, "none", 1.0).to_msgpack()
-)
+_HEADER = msgpack.unpackb(parse_head(_VALID[0], _SPEC.num_layers, len(_VALID[0])).header.to_msgpack())
 _N_INDEX = 16 * _SPEC.num_layers + CRC_BYTES
 
 
@@ -100,9 +98,10 @@ def test_one(data: bytes) -> None:
         if size != len(payload):
             return
         out = np.zeros(_RAW, np.uint8)
-        for span in head.spans:
+        for layer, span in enumerate(head.spans):
             stored = memoryview(payload)[span.offset : span.end]
-            decode_layer(codec, stored, (out[: _RAW // 2], out[_RAW // 2 :]), verify=True)
+            expected = head.header.layer_crc(layer)
+            decode_layer(codec, stored, (out[: _RAW // 2], out[_RAW // 2 :]), expected, verify=fdp.ConsumeBool())
     except KVStoreError:
         return
 

@@ -17,12 +17,19 @@ from hypothesis import strategies as st
 
 from kvstore import FormatVersionError, IntegrityError, ModelSpec
 from kvstore.formats.keys import model_id
-from kvstore.formats.records import STORE_MAGIC, ChunkHeader, ModelRecord, RetirementRecord, RootRecord
+from kvstore.formats.records import (
+    STORE_MAGIC,
+    ChunkHeader,
+    ModelRecord,
+    RetirementRecord,
+    RootRecord,
+    chunk_header_limit,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RECORDS = (RootRecord, ModelRecord, ChunkHeader, RetirementRecord)
 SMALL_LIMIT = 64 * 1024
-HEADER_LIMIT = 4092  # the header frame, msgpack and crc32c, is at most 4096 bytes
+HEADER_LIMIT = 1024 + 4 * 65536  # a chunk header of the most layers a model may have
 
 # ---------------------------------------------------------------------- golden bytes (docs/FORMAT.md)
 
@@ -45,12 +52,14 @@ HEADER = ChunkHeader(
     num_tokens=1,
     num_layers=2,
     codec="none",
+    layer_crcs=bytes.fromhex("5a19099d14428e56"),
     created=1700000000.0,
 )
 HEADER_BYTES = bytes.fromhex(
-    "89a6666f726d617402a36b6579c4201a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831ca6706172656e74"
+    "8aa6666f726d617402a36b6579c4201a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831ca6706172656e74"
     "c420a203ae1105a00bc8be0a3f9507f16a11b7c0988cb7fca9fee68d49342855fc34a5696e64657801a56d6f64656cc4102cc2d5c9f1"
-    "ed6e4ea8fc086562f95e60a6746f6b656e7301a66c617965727302a5636f646563a46e6f6e65a763726561746564cb41d954fc40000000"
+    "ed6e4ea8fc086562f95e60a6746f6b656e7301a66c617965727302a5636f646563a46e6f6e65a463726373c4085a19099d14428e56a7"
+    "63726561746564cb41d954fc40000000"
 )
 RETIREMENT = RetirementRecord(MODEL_ID, retired_by="alice@host", reason="bad weights", retired_at=1700000000.0)
 RETIREMENT_BYTES = RETIREMENT.to_msgpack()
@@ -96,6 +105,7 @@ def test_chunk_header_golden_bytes() -> None:
         "tokens",
         "layers",
         "codec",
+        "crcs",
         "created",
     ]
 
@@ -150,14 +160,16 @@ def test_model_record_round_trip(spec: ModelSpec, created: float) -> None:
 
 @st.composite
 def headers(draw: st.DrawFn) -> ChunkHeader:
+    layers = draw(st.integers(1, 64) | st.sampled_from([2**16]))
     return ChunkHeader(
         key=draw(digests32),
         parent=draw(digests32),
         index=draw(st.integers(0, 2**40)),
         model_id=draw(st.binary(min_size=16, max_size=16)),
         num_tokens=draw(st.integers(1, 2**24)),
-        num_layers=draw(st.integers(1, 2**16)),
+        num_layers=layers,
         codec=draw(st.sampled_from(["none", "lz4", "blosc-lz4"]) | st.text(max_size=40)),
+        layer_crcs=draw(st.binary(min_size=4 * layers, max_size=4 * layers)),
         created=draw(finite),
     )
 
@@ -197,18 +209,21 @@ def test_every_accepted_model_spec_has_a_readable_model_record() -> None:
 
 def test_the_largest_chunk_header_fits_its_size_limit() -> None:
     """Every field at its widest (and a long codec name from a newer writer) stays under the limit."""
-    rec = ChunkHeader(
-        key=b"k" * 32,
-        parent=b"p" * 32,
-        index=2**40,
-        model_id=b"m" * 16,
-        num_tokens=2**24,
-        num_layers=2**16,
-        codec="x" * 1024,
-        created=-1.5e308,
-    )
-    assert len(rec.to_msgpack()) < HEADER_LIMIT
-    assert ChunkHeader.from_msgpack(rec.to_msgpack()) == rec
+    for layers in (1, 64, 2**16):
+        rec = ChunkHeader(
+            key=b"k" * 32,
+            parent=b"p" * 32,
+            index=2**40,
+            model_id=b"m" * 16,
+            num_tokens=2**24,
+            num_layers=layers,
+            codec="x" * 512,
+            layer_crcs=b"\xff" * 4 * layers,
+            created=-1.5e308,
+        )
+        assert len(rec.to_msgpack()) <= chunk_header_limit(layers)
+        assert ChunkHeader.from_msgpack(rec.to_msgpack()) == rec
+    assert chunk_header_limit(2**16) == HEADER_LIMIT
 
 
 # ---------------------------------------------------------------------- versions and limits
@@ -349,6 +364,11 @@ BAD_FIELDS: list[tuple[type, str, object]] = [
     (ChunkHeader, "layers", [8, 8]),
     (ChunkHeader, "codec", 0),
     (ChunkHeader, "codec", b"none"),
+    (ChunkHeader, "crcs", b""),
+    (ChunkHeader, "crcs", b"\x00" * 7),
+    (ChunkHeader, "crcs", b"\x00" * 12),
+    (ChunkHeader, "crcs", "5a19099d14428e56"),
+    (ChunkHeader, "crcs", [0x5A19099D, 0x14428E56]),
     (ChunkHeader, "created", None),
     (RetirementRecord, "id", b"\x00" * 15),
     (RetirementRecord, "retired_by", None),
@@ -482,6 +502,7 @@ edge_values = st.sampled_from(
                 "tokens",
                 "layers",
                 "codec",
+                "crcs",
                 "retired_at",
                 "retired_by",
                 "reason",
@@ -511,6 +532,7 @@ def test_mutated_valid_records(which: type, changes: dict[str, object]) -> None:
         assert 1 <= rec.num_layers <= 2**16
         assert 1 <= rec.num_tokens <= 2**24
         assert isinstance(rec.codec, str)
+        assert len(rec.layer_crcs) == 4 * rec.num_layers
     elif isinstance(rec, RootRecord):
         assert 1 <= rec.chunk_tokens <= 2**24
     elif isinstance(rec, ModelRecord):

@@ -9,6 +9,7 @@ single byte and every truncation is caught before a load could return it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -25,15 +26,13 @@ from kvstore import FormatVersionError, IntegrityError, ModelSpec
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
 from kvstore.formats.layout import chunk_prefix, data_path
-from kvstore.formats.records import ChunkHeader
+from kvstore.formats.records import ChunkHeader, chunk_header_limit
 from kvstore.formats.shard import (
     CRC_BYTES,
-    HEADER_MAX,
     ShardHead,
     crc32c,
     data_object,
     decode_layer,
-    encode_head,
     encode_layers,
     head_bytes,
     index_bytes,
@@ -71,6 +70,7 @@ def _header(codec: str = "none", **changes: Any) -> ChunkHeader:
         "num_tokens": KEY.num_tokens,
         "num_layers": SPEC.num_layers,
         "codec": codec,
+        "layer_crcs": b"",  # data_object and _raw_object fill these in
         "created": 1700000000.0,
     }
     fields.update(changes)
@@ -87,8 +87,11 @@ def _crc(data: bytes) -> bytes:
     return crc32c([data]).to_bytes(CRC_BYTES, "little")
 
 
-def _raw_object(header: bytes, inner: Sequence[bytes], order: Sequence[int] | None = None) -> bytes:
-    """A data object assembled by hand; ``order`` places the layers' bytes in another order."""
+def _raw_object(header: ChunkHeader | bytes, inner: Sequence[bytes], order: Sequence[int] | None = None) -> bytes:
+    """A data object assembled by hand (the header's crcs taken from ``inner``, unless given as bytes);
+    ``order`` places the layers' bytes in another order."""
+    if isinstance(header, ChunkHeader):
+        header = dataclasses.replace(header, layer_crcs=b"".join(x[-CRC_BYTES:] for x in inner)).to_msgpack()
     frame = header + _crc(header)
     base = index_bytes(len(inner)) + len(frame)
     order = list(order or range(len(inner)))
@@ -101,13 +104,14 @@ def _raw_object(header: bytes, inner: Sequence[bytes], order: Sequence[int] | No
     return index + _crc(index) + frame + b"".join(inner[n] for n in order)
 
 
-def _read_all(data: bytes, head: ShardHead, codec: str = "none") -> list[bytes]:
+def _read_all(data: bytes, head: ShardHead, codec: str = "none", *, verify: bool = True) -> list[bytes]:
     """Check and decode every layer the way a load does; IntegrityError on damage."""
     out = []
-    for span in head.spans:
+    for layer, span in enumerate(head.spans):
         buf = np.zeros(RAW, np.uint8)
+        stored = memoryview(data)[span.offset : span.end]
         decode_layer(
-            get_codec(codec), memoryview(data)[span.offset : span.end], (buf[: RAW // 2], buf[RAW // 2 :]), verify=True
+            get_codec(codec), stored, (buf[: RAW // 2], buf[RAW // 2 :]), head.header.layer_crc(layer), verify=verify
         )
         out.append(buf.tobytes())
     return out
@@ -118,10 +122,15 @@ def _read_believing(data: bytes, size: int, codec: str) -> list[bytes]:
     return _read_all(data, parse_head(data, SPEC.num_layers, size), codec)
 
 
-def _load(data: bytes, codec: str = "none") -> list[bytes]:
+def _load(data: bytes, codec: str = "none", *, verify: bool = True) -> list[bytes]:
     head = parse_head(data, SPEC.num_layers, len(data))
     check_chunk_head(head, SPEC, MID, KEY)
-    return _read_all(data, head, codec)
+    return _read_all(data, head, codec, verify=verify)
+
+
+def _inner(data: bytes) -> list[bytes]:
+    """Each layer's stored bytes (crc32c included) in a data object."""
+    return [data[s.offset : s.end] for s in parse_head(data, SPEC.num_layers, len(data)).spans]
 
 
 # ---------------------------------------------------------------------- what is valid
@@ -135,9 +144,10 @@ def test_a_valid_object_reads_back(codec: str) -> None:
     head = parse_head(data, SPEC.num_layers, len(data))
     assert head.contiguous()
     assert head.spans[-1].end == len(data) == head.size
-    assert head.data_start == index_bytes(SPEC.num_layers) + len(_header(codec).to_msgpack()) + CRC_BYTES
+    assert head.data_start == index_bytes(SPEC.num_layers) + len(head.header.to_msgpack()) + CRC_BYTES
+    assert head.header == dataclasses.replace(_header(codec), layer_crcs=b"".join(x[-4:] for x in _inner(data)))
     # A reader's first range of head_bytes() holds the index and the whole header.
-    assert parse_head(data[: head_bytes(SPEC.num_layers)], SPEC.num_layers, len(data)).header == _header(codec)
+    assert parse_head(data[: head_bytes(SPEC.num_layers)], SPEC.num_layers, len(data)).header == head.header
 
 
 def test_layers_in_another_order_are_found_by_the_index() -> None:
@@ -145,14 +155,15 @@ def test_layers_in_another_order_are_found_by_the_index() -> None:
         bytes(p[0]) + bytes(p[1]) + bytes(p[2])
         for p in encode_layers(get_codec("none"), [(k.data, v.data) for k, v in _layers()], 2)
     ]
-    data = _raw_object(_header().to_msgpack(), inner, order=[0, 2, 1])
+    data = _raw_object(_header(), inner, order=[0, 2, 1])
     head = parse_head(data, SPEC.num_layers, len(data))
     assert not head.contiguous()
     assert _load(data) == [k.tobytes() + v.tobytes() for k, v in _layers()]
 
 
-async def test_a_store_loads_layers_in_another_order(store_url: Any) -> None:
-    """FORMAT.md: readers locate each layer by its index entry, whatever the order of the bytes."""
+async def test_a_store_never_misreads_layers_in_another_order(store_url: Any) -> None:
+    """Writers put the layers in order; an object laid out otherwise is read right or refused as damage
+    (kvstore's whole load from an object store reads it, its ranged and local reads refuse it)."""
     kv = [
         (
             torch.from_numpy(k.view(np.float16).reshape(8, 2, 4).copy()),
@@ -160,39 +171,50 @@ async def test_a_store_loads_layers_in_another_order(store_url: Any) -> None:
         )
         for k, v in _layers(1)
     ]
-    async with kvstore.open(store_url.url, storage_options=store_url.storage_options, chunk_tokens=8) as store:
+    opts = {"storage_options": store_url.storage_options, "chunk_tokens": 8, "repair": False}
+    async with kvstore.open(store_url.url, **opts) as store:
         await store.save_prefix(SPEC, TOKENS, kv)
         backend = await open_object_store(store_url.url, store_url.storage_options)
         try:
             path = data_path(chunk_prefix(MID, KEY.digest))
             data = await backend.get(path)
-            head = parse_head(data, SPEC.num_layers, len(data))
-            inner = [data[s.offset : s.end] for s in head.spans]
-            await backend.put(path, _raw_object(head.header.to_msgpack(), inner, order=[0, 2, 1]))
+            await backend.put(path, _raw_object(parse_head(data, 3, len(data)).header, _inner(data), order=[0, 2, 1]))
         finally:
             await backend.close()
         for split in (False, True):
+            before = store.stats().chunks_damaged
             if split:
                 async with store.load_prefix_layers(SPEC, TOKENS) as layers:
                     got = [(k, v) async for _, k, v in layers]
+                    n = layers.num_tokens
             else:
-                got = list((await store.load_prefix(SPEC, TOKENS)).kv)
-            assert len(got) == SPEC.num_layers
+                hit = await store.load_prefix(SPEC, TOKENS)
+                got, n = list(hit.kv), hit.num_tokens
+            if n == 0:
+                assert store.stats().chunks_damaged == before + 1
+                continue
+            assert n == len(TOKENS)
             for (k, v), (wk, wv) in zip(got, kv, strict=True):
                 assert torch.equal(k.view(torch.int16), wk.view(torch.int16))
                 assert torch.equal(v.view(torch.int16), wv.view(torch.int16))
 
 
 def test_header_frame_limit() -> None:
-    """The header frame (msgpack and crc32c) is at most HEADER_MAX = 4096 bytes."""
-    base = len(_header(codec="").to_msgpack())
-    longest = "x" * (HEADER_MAX - CRC_BYTES - base - 2)  # str16 adds 3 bytes, fixstr 1: solve for the str16 form
-    assert len(_header(codec=longest).to_msgpack()) + CRC_BYTES == HEADER_MAX
-    data = b"".join(bytes(p) for p in data_object(_header(codec=longest), [[b"\x00" * 8 + _crc(b"\x00" * 8)]] * 3))
-    head = parse_head(data, SPEC.num_layers, len(data))
-    assert head.data_start == index_bytes(3) + HEADER_MAX
+    """The header (msgpack) is at most 1024 + 4 L bytes, its frame 4 more, and a reader's first
+    ``head_bytes`` = 20 L + 1032 bytes hold the index and the largest header."""
+    layers = SPEC.num_layers
+    limit = chunk_header_limit(layers)
+    assert limit == 1024 + 4 * layers
+    assert head_bytes(layers) == 20 * layers + 1032
+    empty = ChunkHeader(b"k" * 32, b"p" * 32, 0, MID, 8, layers, "", b"\x00" * 4 * layers, 0.0)
+    longest = "x" * (limit - len(empty.to_msgpack()) - 2)  # the str16 form: 3 bytes of header instead of 1
+    inner = [b"\x00" * 8, _crc(b"\x00" * 8)]
+    data = b"".join(bytes(p) for p in data_object(_header(codec=longest), [inner] * layers))
+    head = parse_head(data, layers, len(data))
+    assert len(head.header.to_msgpack()) == limit
+    assert head.data_start == head_bytes(layers)
     with pytest.raises(IntegrityError, match="limit"):
-        encode_head(_header(codec=longest + "x"), [12, 12, 12])
+        data_object(_header(codec=longest + "x"), [inner] * layers)
 
 
 # ---------------------------------------------------------------------- what is damage, or another version
@@ -250,7 +272,7 @@ def test_index_entries_outside_the_object_are_damage(entry: tuple[int | None, in
         parse_head(_with_index(data, entries), SPEC.num_layers, len(data))
 
 
-@pytest.mark.parametrize("first", [0, 36, 52, 53 + HEADER_MAX])
+@pytest.mark.parametrize("first", [0, 36, 52, head_bytes(3) + 1])
 def test_the_header_must_fit_between_index_and_first_layer(first: int) -> None:
     data = _object("none")
     head = parse_head(data, SPEC.num_layers, len(data))
@@ -263,6 +285,7 @@ def test_a_header_of_another_version_is_not_damage() -> None:
     body = msgpack.unpackb(_header().to_msgpack())
     body["format"] = 3
     body["layout"] = "something new"
+    body["crcs"] = _crc(b"\x00" * 8) * 3
     data = _raw_object(msgpack.packb(body, use_bin_type=True), [b"\x00" * 8 + _crc(b"\x00" * 8)] * 3)
     with pytest.raises(FormatVersionError):
         parse_head(data, SPEC.num_layers, len(data))
@@ -296,16 +319,49 @@ def test_a_header_naming_another_chunk_is_damage(change: dict[str, Any]) -> None
 
 def test_a_header_with_another_layer_count_is_damage() -> None:
     data = _object("none", num_layers=4)
-    with pytest.raises(IntegrityError, match="layers"):
+    with pytest.raises(IntegrityError, match="layer"):
         parse_head(data, SPEC.num_layers, len(data))
 
 
 def test_an_uncompressed_layer_of_the_wrong_size_is_damage() -> None:
     layer = b"\x00" * (RAW - 2)
-    data = _raw_object(_header().to_msgpack(), [layer + _crc(layer)] * 3)
+    data = _raw_object(_header(), [layer + _crc(layer)] * 3)
     head = parse_head(data, SPEC.num_layers, len(data))
     with pytest.raises(IntegrityError, match="size"):
         check_chunk_head(head, SPEC, MID, KEY)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_sound_layer_in_the_wrong_place_is_damage_even_without_verify(verify: bool) -> None:
+    """Swapped layers, or a layer of another chunk, carry crc32cs that match their own bytes but not the
+    header's list: damage even for a reader that does not recompute checksums."""
+    data = _object("none")
+    inner = _inner(data)
+    swapped = data[: -2 * len(inner[0])] + inner[2] + inner[1]
+    foreign = data[: -len(inner[0])] + _inner(_object("none", seed=7))[2]
+    for bad in (swapped, foreign):
+        assert len(bad) == len(data)
+        with pytest.raises(IntegrityError, match="header"):
+            _load(bad, verify=verify)
+
+
+async def test_a_store_without_verify_still_refuses_a_misplaced_layer(store_url: Any) -> None:
+    kv = [(torch.randn(8, 2, 4).half(), torch.randn(8, 2, 4).half()) for _ in range(SPEC.num_layers)]
+    opts = {"storage_options": store_url.storage_options, "chunk_tokens": 8, "verify": False, "repair": False}
+    async with kvstore.open(store_url.url, **opts) as store:
+        await store.save_prefix(SPEC, TOKENS, kv)
+        backend = await open_object_store(store_url.url, store_url.storage_options)
+        try:
+            path = data_path(chunk_prefix(MID, KEY.digest))
+            data = await backend.get(path)
+            inner = _inner(data)
+            await backend.put(path, data[: -2 * len(inner[0])] + inner[2] + inner[1])
+        finally:
+            await backend.close()
+        hit = await store.load_prefix(SPEC, TOKENS)
+        assert (hit.num_tokens, hit.chunks_damaged) == (0, 1)
+        async with store.load_prefix_layers(SPEC, TOKENS) as layers:
+            assert [n async for n, _, _ in layers] == [] or layers.num_tokens == 0
 
 
 # ---------------------------------------------------------------------- fuzzing

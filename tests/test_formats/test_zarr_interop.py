@@ -9,6 +9,7 @@ paths, bytes, records and request counts it documents.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
@@ -30,7 +31,7 @@ from kvstore.formats import FORMAT_VERSION
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import ChunkKey, chunk_keys, key_root, model_id, normalize_tokens
 from kvstore.formats.layout import ROOT_RECORD, chunk_prefix, data_path, tails_prefix, zarr_array_metadata
-from kvstore.formats.records import ChunkHeader, ModelRecord, RootRecord
+from kvstore.formats.records import ModelRecord, RootRecord
 from kvstore.formats.shard import crc32c, data_object, decode_layer, head_bytes, parse_head
 from kvstore.reading import check_chunk_head
 
@@ -298,6 +299,7 @@ def test_doc_data_objects_from_first_principles() -> None:
                 "tokens": end - start,
                 "layers": spec.num_layers,
                 "codec": "none",
+                "crcs": b"".join(chunk[-4:] for chunk in inner),
                 "created": v["created"],
             },
             use_bin_type=True,
@@ -333,9 +335,11 @@ def test_doc_data_objects_parse_with_the_library() -> None:
             decoded = bytes.fromhex(v[f"chunk[{i}].layer[{n}].decoded"])
             out = np.zeros(len(decoded), np.uint8)
             half = len(decoded) // 2
-            decode_layer(get_codec("none"), memoryview(stored), (out[:half], out[half:]), verify=True)
+            crc = head.header.layer_crc(n)
+            assert crc == stored[-4:]
+            decode_layer(get_codec("none"), memoryview(stored), (out[:half], out[half:]), crc, verify=True)
             assert out.tobytes() == decoded
-        assert b"".join(bytes(p) for p in data_object(head.header, [[x] for x in layers])) == data
+        assert b"".join(bytes(p) for p in data_object(head.header, [[x[:-4], x[-4:]] for x in layers])) == data
         # Another chunk's object under this key is damage, however sound its bytes.
         other = keys[1 - i]
         with pytest.raises(kvstore.IntegrityError):
@@ -385,8 +389,8 @@ async def test_doc_chunk_vector_holds_on_a_real_store(tmp_path: Path, codec: str
             v[f"chunk[{i}].layer[{n}].{codec}"] for n in range(spec.num_layers)
         ]
         # The writer's own time is the only difference from the documented object.
-        fixed = ChunkHeader(h.key, h.parent, h.index, h.model_id, h.num_tokens, h.num_layers, h.codec, v["created"])
-        layers = [[stored[s.offset : s.end]] for s in head.spans]
+        fixed = dataclasses.replace(h, created=v["created"])
+        layers = [[stored[s.offset : s.end - 4], stored[s.end - 4 : s.end]] for s in head.spans]
         assert b"".join(bytes(p) for p in data_object(h, layers)) == stored
         if codec == "none":
             assert b"".join(bytes(p) for p in data_object(fixed, layers)).hex() == v[f"chunk[{i}].data"]
@@ -448,7 +452,7 @@ async def test_zarr_json_is_as_documented(tmp_path: Path) -> None:
 @pytest.mark.parametrize("codec", CODECS)
 async def test_documented_request_counts(store_url: Any, backend: str, codec: str) -> None:
     """FORMAT.md section 10: per chunk, save 1 HEAD + 2 PUTs, whole load 1 HEAD + 1 GET, layer-pipelined
-    load 1 HEAD + 2 ranged GETs; a local directory reads with pread + preadv instead."""
+    load 1 HEAD + 2 ranged GETs; a local directory reads with pread (+ preadv) instead."""
     layers, full = 3, 4
     spec = ModelSpec("m", "v1", layers, 4, 64, torch.float16)  # 16 KiB per layer: a first range cannot hold all
     tokens = list(range(16 * full))
@@ -492,7 +496,7 @@ async def test_documented_request_counts(store_url: Any, backend: str, codec: st
         st = s.stats()
         assert got == list(range(layers))
         assert st.requests_head - before.requests_head == full
-        ranged = (3 if codec == "none" else 2) if local else 2  # pread + 2 preadv (layer 0, the rest)
+        ranged = 3 if local else 2  # local: a pread, then layer 0 and the rest (preadv, or pread when compressed)
         assert st.requests_get - before.requests_get == full * ranged
 
         # A tail chunk costs one more object: its marker.
