@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -128,6 +128,22 @@ def _load(data: bytes, codec: str = "none", *, verify: bool = True) -> list[byte
     return _read_all(data, head, codec, verify=verify)
 
 
+async def _rewrite(store_url: Any, change: Callable[[bytes], bytes]) -> None:
+    """Replace the stored data object of the test chunk by ``change(its bytes)``, behind the store's back."""
+    backend = await open_object_store(store_url.url, store_url.storage_options)
+    try:
+        path = data_path(chunk_prefix(MID, KEY.digest))
+        await backend.put(path, change(await backend.get(path)))
+    finally:
+        await backend.close()
+
+
+def _swap_last_layers(data: bytes) -> bytes:
+    """Layers 1 and 2 trade places (equal sizes): each still matches its own crc32c, not the header's list."""
+    inner = _inner(data)
+    return data[: -2 * len(inner[0])] + inner[2] + inner[1]
+
+
 def _inner(data: bytes) -> list[bytes]:
     """Each layer's stored bytes (crc32c included) in a data object."""
     return [data[s.offset : s.end] for s in parse_head(data, SPEC.num_layers, len(data)).spans]
@@ -174,13 +190,9 @@ async def test_a_store_never_misreads_layers_in_another_order(store_url: Any) ->
     opts = {"storage_options": store_url.storage_options, "chunk_tokens": 8, "repair": False}
     async with kvstore.open(store_url.url, **opts) as store:
         await store.save_prefix(SPEC, TOKENS, kv)
-        backend = await open_object_store(store_url.url, store_url.storage_options)
-        try:
-            path = data_path(chunk_prefix(MID, KEY.digest))
-            data = await backend.get(path)
-            await backend.put(path, _raw_object(parse_head(data, 3, len(data)).header, _inner(data), order=[0, 2, 1]))
-        finally:
-            await backend.close()
+        await _rewrite(
+            store_url, lambda data: _raw_object(parse_head(data, 3, len(data)).header, _inner(data), [0, 2, 1])
+        )
         for split in (False, True):
             before = store.stats().chunks_damaged
             if split:
@@ -337,7 +349,7 @@ def test_a_sound_layer_in_the_wrong_place_is_damage_even_without_verify(verify: 
     header's list: damage even for a reader that does not recompute checksums."""
     data = _object("none")
     inner = _inner(data)
-    swapped = data[: -2 * len(inner[0])] + inner[2] + inner[1]
+    swapped = _swap_last_layers(data)
     foreign = data[: -len(inner[0])] + _inner(_object("none", seed=7))[2]
     for bad in (swapped, foreign):
         assert len(bad) == len(data)
@@ -350,14 +362,7 @@ async def test_a_store_without_verify_still_refuses_a_misplaced_layer(store_url:
     opts = {"storage_options": store_url.storage_options, "chunk_tokens": 8, "verify": False, "repair": False}
     async with kvstore.open(store_url.url, **opts) as store:
         await store.save_prefix(SPEC, TOKENS, kv)
-        backend = await open_object_store(store_url.url, store_url.storage_options)
-        try:
-            path = data_path(chunk_prefix(MID, KEY.digest))
-            data = await backend.get(path)
-            inner = _inner(data)
-            await backend.put(path, data[: -2 * len(inner[0])] + inner[2] + inner[1])
-        finally:
-            await backend.close()
+        await _rewrite(store_url, _swap_last_layers)
         hit = await store.load_prefix(SPEC, TOKENS)
         assert (hit.num_tokens, hit.chunks_damaged) == (0, 1)
         async with store.load_prefix_layers(SPEC, TOKENS) as layers:
