@@ -1,4 +1,4 @@
-"""Atheris harness for the msgpack record decoders (root, model, commit, retirement) and tail markers.
+"""Atheris harness for the msgpack record decoders (root, model, chunk header, retirement) and tail markers.
 
 Run: ``python fuzz/fuzz_records.py -atheris_runs=100000``. Half the inputs are
 raw bytes, half a valid record with fields replaced by hostile values, so the
@@ -21,7 +21,7 @@ with atheris.instrument_imports(include=["kvstore"]):
     from kvstore.errors import KVStoreError
     from kvstore.formats.keys import model_id
     from kvstore.formats.layout import parse_tail_marker
-    from kvstore.formats.records import CommitRecord, ModelRecord, RetirementRecord, RootRecord
+    from kvstore.formats.records import ChunkHeader, ModelRecord, RetirementRecord, RootRecord
     from kvstore.spec import ModelSpec
 
 from _harness import fuzz, mutate_record
@@ -32,8 +32,8 @@ _SAMPLES = [
     (RootRecord, RootRecord(256, created=1.0).to_msgpack()),
     (ModelRecord, ModelRecord(_MID, _SPEC, created=1.0).to_msgpack()),
     (
-        CommitRecord,
-        CommitRecord(b"k" * 32, b"p" * 32, 0, _MID, 16, "none", (64, 64), (b"d" * 32,) * 2, 1.0).to_msgpack(),
+        ChunkHeader,
+        ChunkHeader(b"k" * 32, b"p" * 32, 0, _MID, 16, 2, "none", layer_crcs=b"c" * 8, created=1.0).to_msgpack(),
     ),
     (RetirementRecord, RetirementRecord(_MID, retired_by="ops", reason="why", retired_at=1.0).to_msgpack()),
 ]

@@ -19,7 +19,7 @@ HARNESSES = sorted(p.name for p in FUZZ_DIR.glob("fuzz_*.py"))
 
 
 def test_every_decoder_has_a_harness() -> None:
-    assert HARNESSES == ["fuzz_codecs.py", "fuzz_records.py"]
+    assert HARNESSES == ["fuzz_codecs.py", "fuzz_records.py", "fuzz_shard.py"]
 
 
 @pytest.mark.parametrize("harness", HARNESSES)

@@ -137,7 +137,7 @@ def test_blosc_is_bitshuffled_lz4(itemsize: int) -> None:
     assert bytes(get_codec("blosc-lz4").decode(theirs, len(k) + len(v))) == k + v
 
 
-# Decoder vectors of docs/FORMAT.md ("chunk-tiny"): (decoded, lz4 object, blosc-lz4 object).
+# Decoder vectors of docs/FORMAT.md ("chunk-tiny"): (decoded, lz4, blosc-lz4), the inner chunks without their crc32c.
 TINY = [
     (
         "0000003c00498049008000bc00c980c9",
@@ -210,7 +210,7 @@ def test_corrupted_objects_fail_or_keep_their_size(name: str, seed: int, flips: 
     """Bit flips: the decoder raises IntegrityError or returns exactly the expected size.
 
     LZ4 blocks and Blosc buffers carry no checksum, so a flip may decode to other
-    bytes of the right size: the per-layer digest in the commit record catches that.
+    bytes of the right size: the layer's crc32c in the data object catches that first.
     """
     codec = get_codec(name)
     k, v = _kv_bytes(2, 512, seed)

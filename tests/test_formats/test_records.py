@@ -17,46 +17,49 @@ from hypothesis import strategies as st
 
 from kvstore import FormatVersionError, IntegrityError, ModelSpec
 from kvstore.formats.keys import model_id
-from kvstore.formats.records import STORE_MAGIC, CommitRecord, ModelRecord, RetirementRecord, RootRecord
+from kvstore.formats.records import (
+    STORE_MAGIC,
+    ChunkHeader,
+    ModelRecord,
+    RetirementRecord,
+    RootRecord,
+    chunk_header_limit,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-RECORDS = (RootRecord, ModelRecord, CommitRecord, RetirementRecord)
+RECORDS = (RootRecord, ModelRecord, ChunkHeader, RetirementRecord)
 SMALL_LIMIT = 64 * 1024
-COMMIT_LIMIT = 4 * 1024 * 1024
+HEADER_LIMIT = 1024 + 4 * 65536  # a chunk header of the most layers a model may have
 
 # ---------------------------------------------------------------------- golden bytes (docs/FORMAT.md)
 
 ROOT_BYTES = bytes.fromhex(
-    "84a6666f726d617401a56d61676963a76b7673746f7265ac6368756e6b5f746f6b656e7310a763726561746564cb41d954fc40000000"
+    "84a6666f726d617402a56d61676963a76b7673746f7265ac6368756e6b5f746f6b656e7310a763726561746564cb41d954fc40000000"
 )
 MODEL_SPEC = ModelSpec("Qwen2.5/日本語-ü", "2024-09 β", 80, 8, 128, torch.float8_e4m3fn)
 MODEL_ID = bytes.fromhex("482f55dc4f348e3403f32e92a1684471")
 MODEL_BYTES = bytes.fromhex(
-    "89a6666f726d617401a26964c410482f55dc4f348e3403f32e92a1684471a46e616d65b45177656e322e352fe697a5e69cace8aa9e2d"
+    "89a6666f726d617402a26964c410482f55dc4f348e3403f32e92a1684471a46e616d65b45177656e322e352fe697a5e69cace8aa9e2d"
     "c3bca776657273696f6eaa323032342d303920ceb2aa6e756d5f6c617965727350ac6e756d5f6b765f686561647308a8686561645f"
     "64696dcc80a56474797065ad666c6f6174385f65346d33666ea763726561746564cb41d954fc40200000"
 )
-# The tail chunk of the "chunk-tiny" vector, codec none.
-COMMIT = CommitRecord(
-    key=bytes.fromhex("57069dfa2deeb3f6500a526e49bf62c8cae76d08b1789df2c2c6afa2054f37bb"),
-    parent=bytes.fromhex("0f234505a3ef0f2163c56ff5510722c46900f287b9fc0bce2e1bed15c7166cc2"),
+# The header of the tail chunk of the "chunk-tiny" vector, codec none.
+HEADER = ChunkHeader(
+    key=bytes.fromhex("1a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831c"),
+    parent=bytes.fromhex("a203ae1105a00bc8be0a3f9507f16a11b7c0988cb7fca9fee68d49342855fc34"),
     index=1,
     model_id=bytes.fromhex("2cc2d5c9f1ed6e4ea8fc086562f95e60"),
     num_tokens=1,
+    num_layers=2,
     codec="none",
-    layer_sizes=(8, 8),
-    layer_digests=(
-        bytes.fromhex("dfe427c5565f2f269b0e427dd521a6994ef4bcf5ffb57adeeb7045f1e8c73a58"),
-        bytes.fromhex("286c53812bc50440e42b6a67cd7ea21aa055aa8e53188eba3fe74618550685d8"),
-    ),
+    layer_crcs=bytes.fromhex("5a19099d14428e56"),
     created=1700000000.0,
 )
-COMMIT_BYTES = bytes.fromhex(
-    "8aa6666f726d617401a36b6579c42057069dfa2deeb3f6500a526e49bf62c8cae76d08b1789df2c2c6afa2054f37bba6706172656e74"
-    "c4200f234505a3ef0f2163c56ff5510722c46900f287b9fc0bce2e1bed15c7166cc2a5696e64657801a56d6f64656cc4102cc2d5c9f1"
-    "ed6e4ea8fc086562f95e60a6746f6b656e7301a5636f646563a46e6f6e65ab6c617965725f73697a6573920808ad6c617965725f6469"
-    "676573747392c420dfe427c5565f2f269b0e427dd521a6994ef4bcf5ffb57adeeb7045f1e8c73a58c420286c53812bc50440e42b6a67"
-    "cd7ea21aa055aa8e53188eba3fe74618550685d8a763726561746564cb41d954fc40000000"
+HEADER_BYTES = bytes.fromhex(
+    "8aa6666f726d617402a36b6579c4201a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831ca6706172656e74"
+    "c420a203ae1105a00bc8be0a3f9507f16a11b7c0988cb7fca9fee68d49342855fc34a5696e64657801a56d6f64656cc4102cc2d5c9f1"
+    "ed6e4ea8fc086562f95e60a6746f6b656e7301a66c617965727302a5636f646563a46e6f6e65a463726373c4085a19099d14428e56a7"
+    "63726561746564cb41d954fc40000000"
 )
 RETIREMENT = RetirementRecord(MODEL_ID, retired_by="alice@host", reason="bad weights", retired_at=1700000000.0)
 RETIREMENT_BYTES = RETIREMENT.to_msgpack()
@@ -66,7 +69,7 @@ def test_root_record_golden_bytes() -> None:
     assert RootRecord(chunk_tokens=16, created=1700000000.0).to_msgpack() == ROOT_BYTES
     assert RootRecord.from_msgpack(ROOT_BYTES) == RootRecord(16, 1700000000.0)
     assert msgpack.unpackb(ROOT_BYTES) == {
-        "format": 1,
+        "format": 2,
         "magic": "kvstore",
         "chunk_tokens": 16,
         "created": 1700000000.0,
@@ -90,25 +93,25 @@ def test_model_record_golden_bytes() -> None:
     ]
 
 
-def test_commit_record_golden_bytes() -> None:
-    assert COMMIT.to_msgpack() == COMMIT_BYTES
-    assert CommitRecord.from_msgpack(COMMIT_BYTES) == COMMIT
-    assert list(msgpack.unpackb(COMMIT_BYTES)) == [
+def test_chunk_header_golden_bytes() -> None:
+    assert HEADER.to_msgpack() == HEADER_BYTES
+    assert ChunkHeader.from_msgpack(HEADER_BYTES) == HEADER
+    assert list(msgpack.unpackb(HEADER_BYTES)) == [
         "format",
         "key",
         "parent",
         "index",
         "model",
         "tokens",
+        "layers",
         "codec",
-        "layer_sizes",
-        "layer_digests",
+        "crcs",
         "created",
     ]
 
 
 def test_readers_accept_any_field_order_and_ignore_unknown_fields() -> None:
-    pairs = ((RootRecord, ROOT_BYTES), (ModelRecord, MODEL_BYTES), (CommitRecord, COMMIT_BYTES))
+    pairs = ((RootRecord, ROOT_BYTES), (ModelRecord, MODEL_BYTES), (ChunkHeader, HEADER_BYTES))
     for cls, data in (*pairs, (RetirementRecord, RETIREMENT_BYTES)):
         obj = msgpack.unpackb(data)
         shuffled = dict(reversed(list(obj.items())))
@@ -156,25 +159,25 @@ def test_model_record_round_trip(spec: ModelSpec, created: float) -> None:
 
 
 @st.composite
-def commits(draw: st.DrawFn) -> CommitRecord:
-    layers = draw(st.integers(1, 64))
-    return CommitRecord(
+def headers(draw: st.DrawFn) -> ChunkHeader:
+    layers = draw(st.integers(1, 64) | st.sampled_from([2**16]))
+    return ChunkHeader(
         key=draw(digests32),
         parent=draw(digests32),
         index=draw(st.integers(0, 2**40)),
         model_id=draw(st.binary(min_size=16, max_size=16)),
         num_tokens=draw(st.integers(1, 2**24)),
-        codec=draw(st.sampled_from(["none", "lz4", "blosc-lz4"])),
-        layer_sizes=tuple(draw(st.lists(st.integers(0, 2**40 - 1), min_size=layers, max_size=layers))),
-        layer_digests=tuple(draw(st.lists(digests32, min_size=layers, max_size=layers))),
+        num_layers=layers,
+        codec=draw(st.sampled_from(["none", "lz4", "blosc-lz4"]) | st.text(max_size=40)),
+        layer_crcs=draw(st.binary(min_size=4 * layers, max_size=4 * layers)),
         created=draw(finite),
     )
 
 
 @SETTINGS
-@given(rec=commits())
-def test_commit_record_round_trip(rec: CommitRecord) -> None:
-    assert CommitRecord.from_msgpack(rec.to_msgpack()) == rec
+@given(rec=headers())
+def test_chunk_header_round_trip(rec: ChunkHeader) -> None:
+    assert ChunkHeader.from_msgpack(rec.to_msgpack()) == rec
 
 
 @SETTINGS
@@ -187,7 +190,7 @@ def test_commit_record_round_trip(rec: CommitRecord) -> None:
 def test_retirement_record_round_trip(mid: bytes, by: str, reason: str | None, at: float) -> None:
     rec = RetirementRecord(mid, retired_by=by, reason=reason, retired_at=at)
     assert RetirementRecord.from_msgpack(rec.to_msgpack()) == rec
-    assert msgpack.unpackb(rec.to_msgpack())["format"] == 1
+    assert msgpack.unpackb(rec.to_msgpack())["format"] == 2
 
 
 def test_every_accepted_model_spec_has_a_readable_model_record() -> None:
@@ -204,21 +207,23 @@ def test_every_accepted_model_spec_has_a_readable_model_record() -> None:
     assert ModelRecord.from_msgpack(rec.to_msgpack()) == rec
 
 
-def test_commit_record_of_the_largest_layer_count_fits_its_size_limit() -> None:
-    """A commit record for as many layers as the model record allows must be readable."""
-    layers = 65536  # the model record's num_layers limit
-    rec = CommitRecord(
-        key=b"k" * 32,
-        parent=b"p" * 32,
-        index=0,
-        model_id=b"m" * 16,
-        num_tokens=256,
-        codec="none",
-        layer_sizes=(2 * 256 * 8 * 128 * 2,) * layers,
-        layer_digests=(b"d" * 32,) * layers,
-        created=0.0,
-    )
-    assert CommitRecord.from_msgpack(rec.to_msgpack()) == rec
+def test_the_largest_chunk_header_fits_its_size_limit() -> None:
+    """Every field at its widest (and a long codec name from a newer writer) stays under the limit."""
+    for layers in (1, 64, 2**16):
+        rec = ChunkHeader(
+            key=b"k" * 32,
+            parent=b"p" * 32,
+            index=2**40,
+            model_id=b"m" * 16,
+            num_tokens=2**24,
+            num_layers=layers,
+            codec="x" * 512,
+            layer_crcs=b"\xff" * 4 * layers,
+            created=-1.5e308,
+        )
+        assert len(rec.to_msgpack()) <= chunk_header_limit(layers)
+        assert ChunkHeader.from_msgpack(rec.to_msgpack()) == rec
+    assert chunk_header_limit(2**16) == HEADER_LIMIT
 
 
 # ---------------------------------------------------------------------- versions and limits
@@ -228,7 +233,7 @@ def _valid_obj(cls: type) -> dict[str, Any]:
     data = {
         RootRecord: ROOT_BYTES,
         ModelRecord: MODEL_BYTES,
-        CommitRecord: COMMIT_BYTES,
+        ChunkHeader: HEADER_BYTES,
         RetirementRecord: RETIREMENT_BYTES,
     }[cls]
     obj: dict[str, Any] = msgpack.unpackb(data)
@@ -236,7 +241,7 @@ def _valid_obj(cls: type) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("version", [0, 2, 3, 255, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32, 2**64 - 1])
 def test_unknown_format_version(cls: type, version: int) -> None:
     obj = _valid_obj(cls)
     obj["format"] = version
@@ -248,7 +253,7 @@ def test_unknown_format_version(cls: type, version: int) -> None:
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("version", [None, "1", 1.0, True, [1], b"\x01"], ids=repr)
+@pytest.mark.parametrize("version", [None, "2", 2.0, True, [2], b"\x02"], ids=repr)
 def test_missing_or_malformed_format_version_is_damage(cls: type, version: object) -> None:
     obj = _valid_obj(cls)
     if version is None:
@@ -260,7 +265,7 @@ def test_missing_or_malformed_format_version_is_damage(cls: type, version: objec
 
 
 @pytest.mark.parametrize(
-    ("cls", "limit"), [(RootRecord, SMALL_LIMIT), (ModelRecord, SMALL_LIMIT), (CommitRecord, COMMIT_LIMIT)]
+    ("cls", "limit"), [(RootRecord, SMALL_LIMIT), (ModelRecord, SMALL_LIMIT), (ChunkHeader, HEADER_LIMIT)]
 )
 def test_oversize_records_are_rejected(cls: type, limit: int) -> None:
     obj = _valid_obj(cls)
@@ -344,27 +349,27 @@ BAD_FIELDS: list[tuple[type, str, object]] = [
     (ModelRecord, "head_dim", 2**31),
     (ModelRecord, "head_dim", 1.5),
     (ModelRecord, "dtype", 3),
-    (CommitRecord, "key", b"\x00" * 31),
-    (CommitRecord, "key", "00" * 32),
-    (CommitRecord, "parent", b"\x00" * 33),
-    (CommitRecord, "model", b"\x00" * 32),
-    (CommitRecord, "index", -1),
-    (CommitRecord, "index", 2**40 + 1),
-    (CommitRecord, "index", False),
-    (CommitRecord, "tokens", 0),
-    (CommitRecord, "tokens", 2**24 + 1),
-    (CommitRecord, "codec", 0),
-    (CommitRecord, "layer_sizes", []),
-    (CommitRecord, "layer_sizes", [8]),
-    (CommitRecord, "layer_sizes", [8, -1]),
-    (CommitRecord, "layer_sizes", [8, 2**40]),
-    (CommitRecord, "layer_sizes", [8, True]),
-    (CommitRecord, "layer_sizes", [8, 8.0]),
-    (CommitRecord, "layer_sizes", {"0": 8, "1": 8}),
-    (CommitRecord, "layer_digests", [b"\x00" * 32]),
-    (CommitRecord, "layer_digests", [b"\x00" * 32, b"\x00" * 31]),
-    (CommitRecord, "layer_digests", [b"\x00" * 32, "00" * 32]),
-    (CommitRecord, "created", None),
+    (ChunkHeader, "key", b"\x00" * 31),
+    (ChunkHeader, "key", "00" * 32),
+    (ChunkHeader, "parent", b"\x00" * 33),
+    (ChunkHeader, "model", b"\x00" * 32),
+    (ChunkHeader, "index", -1),
+    (ChunkHeader, "index", 2**40 + 1),
+    (ChunkHeader, "index", False),
+    (ChunkHeader, "tokens", 0),
+    (ChunkHeader, "tokens", 2**24 + 1),
+    (ChunkHeader, "layers", 0),
+    (ChunkHeader, "layers", 2**16 + 1),
+    (ChunkHeader, "layers", True),
+    (ChunkHeader, "layers", [8, 8]),
+    (ChunkHeader, "codec", 0),
+    (ChunkHeader, "codec", b"none"),
+    (ChunkHeader, "crcs", b""),
+    (ChunkHeader, "crcs", b"\x00" * 7),
+    (ChunkHeader, "crcs", b"\x00" * 12),
+    (ChunkHeader, "crcs", "5a19099d14428e56"),
+    (ChunkHeader, "crcs", [0x5A19099D, 0x14428E56]),
+    (ChunkHeader, "created", None),
     (RetirementRecord, "id", b"\x00" * 15),
     (RetirementRecord, "retired_by", None),
     (RetirementRecord, "retired_by", "x" * 4097),
@@ -372,7 +377,7 @@ BAD_FIELDS: list[tuple[type, str, object]] = [
     # Non-finite timestamps (found by fuzz/fuzz_records.py): NaN never compares with a GC cut-off.
     (RootRecord, "created", float("nan")),
     (ModelRecord, "created", float("inf")),
-    (CommitRecord, "created", float("-inf")),
+    (ChunkHeader, "created", float("-inf")),
     (RetirementRecord, "retired_at", float("nan")),
 ]
 
@@ -411,7 +416,7 @@ def test_bad_field_values_are_damage(cls: type, field: str, value: object) -> No
         b"\xd4\xff\x00",  # ext -1: a malformed timestamp
         ROOT_BYTES[:-1],
         MODEL_BYTES[:-3],
-        COMMIT_BYTES[:40],
+        HEADER_BYTES[:40],
         ROOT_BYTES + b"\x00",  # trailing bytes
     ],
     ids=lambda d: d[:12].hex() + f"..{len(d)}",
@@ -439,7 +444,7 @@ def test_random_bytes(data: bytes) -> None:
 @SETTINGS
 @given(data=st.binary(min_size=1, max_size=64), cut=st.integers(0, 400), which=st.integers(0, 3))
 def test_valid_records_with_spliced_garbage(data: bytes, cut: int, which: int) -> None:
-    good = (ROOT_BYTES, MODEL_BYTES, COMMIT_BYTES, RETIREMENT_BYTES)[which]
+    good = (ROOT_BYTES, MODEL_BYTES, HEADER_BYTES, RETIREMENT_BYTES)[which]
     cut = min(cut, len(good))
     for cls in RECORDS:
         _parse_only_raises_kvstore_errors(cls, good[:cut] + data + good[cut + len(data) :])
@@ -473,7 +478,7 @@ edge_values = st.sampled_from(
 @SETTINGS
 @example(which=ModelRecord, changes={"name": ""})
 @example(which=ModelRecord, changes={"head_dim": 2**31})
-@example(which=CommitRecord, changes={"layer_sizes": [], "layer_digests": []})
+@example(which=ChunkHeader, changes={"layers": 0, "codec": []})
 @given(
     which=st.sampled_from(RECORDS),
     changes=st.dictionaries(
@@ -495,9 +500,9 @@ edge_values = st.sampled_from(
                 "index",
                 "model",
                 "tokens",
+                "layers",
                 "codec",
-                "layer_sizes",
-                "layer_digests",
+                "crcs",
                 "retired_at",
                 "retired_by",
                 "reason",
@@ -521,10 +526,13 @@ def test_mutated_valid_records(which: type, changes: dict[str, object]) -> None:
     except (IntegrityError, FormatVersionError):
         return
     # Whatever parses is well-formed.
-    if isinstance(rec, CommitRecord):
+    if isinstance(rec, ChunkHeader):
         assert len(rec.key) == len(rec.parent) == 32
         assert len(rec.model_id) == 16
-        assert len(rec.layer_sizes) == len(rec.layer_digests) >= 1
+        assert 1 <= rec.num_layers <= 2**16
+        assert 1 <= rec.num_tokens <= 2**24
+        assert isinstance(rec.codec, str)
+        assert len(rec.layer_crcs) == 4 * rec.num_layers
     elif isinstance(rec, RootRecord):
         assert 1 <= rec.chunk_tokens <= 2**24
     elif isinstance(rec, ModelRecord):
