@@ -314,7 +314,8 @@ async def bench(
                     rows["load layers"].kv.append(total)
                     rows["first layer"].kv.append(first)
                 log(
-                    f"{p.name} {backend} load: kvstore {s:.3f} s, floor {f:.3f} s, layers {total:.3f} (first {first:.3f})"
+                    f"{p.name} {backend} load: kvstore {s:.3f} s, floor {f:.3f} s,"
+                    f" layers {total:.3f} (first {first:.3f})"
                 )
             before = store.stats()
             look = [(await timed(store.lookup(p.spec, p.tokens)))[0] for _ in range(5)]
@@ -379,10 +380,14 @@ def fmt(row: Row, samples: list[float]) -> str:
 
 def report(rows: list[Row], concurrent: list[Row], args: argparse.Namespace, server: str) -> None:
     print(
-        f"\nkvstore {kvstore.__version__}, format v{kvstore.FORMAT_VERSION}: checksums {'on' if args.verify else 'off'},"
+        f"\nkvstore {kvstore.__version__}, format v{kvstore.FORMAT_VERSION}:"
+        f" checksums {'on' if args.verify else 'off'},"
         f" max_concurrency {args.max_concurrency}, medians of {args.reps}; s3 server: {server}"
     )
-    head = f"{'payload':11} {'backend':7} {'operation':12} {'kvstore GB/s':>20} {'floor GB/s':>20} {'ratio':>6} {'CPU s/GB':>8} {'LMCache':>7}"
+    head = (
+        f"{'payload':11} {'backend':7} {'operation':12} {'kvstore GB/s':>20} {'floor GB/s':>20}"
+        f" {'ratio':>6} {'CPU s/GB':>8} {'LMCache':>7}"
+    )
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -412,7 +417,8 @@ def report(rows: list[Row], concurrent: list[Row], args: argparse.Namespace, ser
             print(f"{row.payload:11} {row.backend:7} {row.op:12} {'':12} {row.requests}")
     for row in concurrent:
         serial, together = row.rate(row.floor), row.rate(row.kv)
-        assert serial and together
+        assert serial is not None
+        assert together is not None
         print(
             f"\nconcurrent loads, {row.backend}: 8 prompts x 128 MiB one after another {serial:.2f} GB/s,"
             f" all at once {together:.2f} GB/s ({together / serial:.2f}x)"
@@ -453,7 +459,13 @@ async def run(args: argparse.Namespace) -> None:
                 tag = uuid.uuid4().hex[:8]
                 bucket_url: dict[str, tuple[str, dict[str, Any]]] = {}
 
-                def where(name: str, backend: str = backend, workdir: str = workdir, tag: str = tag) -> tuple[str, Any]:
+                def where(
+                    name: str,
+                    backend: str = backend,
+                    workdir: str = workdir,
+                    tag: str = tag,
+                    bucket_url: dict[str, tuple[str, dict[str, Any]]] = bucket_url,
+                ) -> tuple[str, Any]:
                     if backend == "local":
                         return os.path.join(workdir, name), None
                     if backend == "memory":

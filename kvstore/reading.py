@@ -182,7 +182,7 @@ class ChunkReader:
             got = head.data_start
             progress(0, got)
             for a, b in groups:
-                start, end = head.spans[a].offset, head.spans[b - 1].end
+                start, end = min(x.offset for x in head.spans[a:b]), max(x.end for x in head.spans[a:b])
                 if codec.name == "none" and head.contiguous():
                     await self._scatter(path, head, dest, a, b, priority=int(a > 0))
                 else:
@@ -213,11 +213,10 @@ class ChunkReader:
         progress(ready, len(first))
         if ready == nl:
             return len(first)
-        start = head.spans[ready].offset
         later = await req.get_range(path, len(first), hit.size, priority=1)
-        rest = memoryview(bytes(first[start:]) + later)
-        progress(ready, len(first) + len(later))
-        await asyncio.to_thread(self._decode, codec, rest, start, head, dest, ready, nl)
+        whole = memoryview(bytes(first) + later)  # layers may lie anywhere after the first range
+        progress(ready, len(whole))
+        await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, ready, nl)
         progress(nl, len(first) + len(later))
         return len(first) + len(later)
 

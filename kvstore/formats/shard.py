@@ -155,7 +155,8 @@ def encode_layers(codec: Codec, layers: Sequence[tuple[memoryview, memoryview]],
 def data_object(header: ChunkHeader, layers: Sequence[Sequence[Buffer]]) -> list[memoryview]:
     """The parts of a whole data object, in order: its head, then every layer's stored parts.
 
-    Each layer's parts end with its crc32c, which the header repeats (``layer_crcs``).
+    ``layers`` is what ``encode_layers`` returns: each layer's parts end with its
+    4-byte crc32c, which the header repeats (``layer_crcs``).
     """
     header = replace(header, layer_crcs=b"".join(bytes(parts[-1]) for parts in layers))
     head = encode_head(header, [sum(len(p) for p in parts) for parts in layers])

@@ -662,7 +662,7 @@ async def test_store_of_another_format_version_is_refused(url: str, version: int
 
         from kvstore.cli.main import cli
 
-        out = CliRunner().invoke(cli, ["ls", url])
+        out = await asyncio.to_thread(CliRunner().invoke, cli, ["ls", url])
         assert out.exit_code == 1
         assert out.output.count("\n") == 1
         assert f"format version {version};" in out.output
