@@ -9,8 +9,9 @@ seconds to every request. In one run it prints, as medians over ``--reps``:
 
 - kvstore ``load_prefix`` (and, where the store has them, a prefetched load
   and the time to the first layer of ``load_prefix_layers``);
-- the floor: a raw parallel GET of the very same layer objects through the
-  same proxy with the same concurrency (plain aioboto3, no checks, no copies);
+- the floor: a raw parallel GET of the very same data objects (one per chunk)
+  through the same proxy with the same concurrency (plain aioboto3, no checks,
+  no copies);
 - a one-request-at-a-time loader (GET one object after the other), measured
   on ``--serial-chunks`` chunks and scaled to the whole prompt.
 
@@ -33,7 +34,7 @@ import torch
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, layer_path
+from kvstore.formats.layout import chunk_prefix, data_path
 from kvstore.testing.faultproxy import FaultProxy
 
 
@@ -75,9 +76,9 @@ async def run(args: argparse.Namespace) -> None:
         }
         url = "s3://bench/kv"
         nbytes = spec.bytes_per_token * len(tokens)
-        objects = args.chunks * args.layers
+        objects = args.chunks
         print(
-            f"prompt: {args.chunks} chunks x {args.layers} layers = {objects} layer objects of "
+            f"prompt: {args.chunks} chunks of {args.layers} layers = {objects} data objects of "
             f"{nbytes / objects / 2**10:.0f} KiB ({nbytes / 2**20:.0f} MiB); proxy adds {args.latency * 1e3:.0f} ms "
             f"per request; max_concurrency {args.concurrency}"
         )
@@ -132,8 +133,7 @@ async def run(args: argparse.Namespace) -> None:
 
         mid = model_id(spec)
         keys = [
-            "kv/" + layer_path(chunk_prefix(mid, k.digest), layer)
-            for layer in range(args.layers)
+            "kv/" + data_path(chunk_prefix(mid, k.digest))
             for k in chunk_keys(spec, normalize_tokens(tokens), args.chunk_tokens)
         ]
         session = aioboto3.Session(**creds)
@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.gather(*(get(k) for k in keys))
 
             floor_times = await _timed(floor, args.reps)
-            serial_keys = keys[: args.serial_chunks * args.layers]
+            serial_keys = keys[: args.serial_chunks]
 
             async def serial() -> None:
                 for key in serial_keys:
