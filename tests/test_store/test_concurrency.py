@@ -46,10 +46,10 @@ def _distinct_chunks(spec: Spec, prompts: list[tuple[list[int], KV]]) -> set[byt
     return {key.digest for tokens, _ in prompts for key in chunk_keys(spec, normalize_tokens(tokens), CT)}
 
 
-async def _commit_records(store_url: tuple[str, Any]) -> int:
+async def _committed_chunks(store_url: tuple[str, Any]) -> int:
     backend = await open_object_store(*store_url)
     try:
-        return len([m async for m in backend.list("chunks/") if m.key.endswith("/commit.msgpack")])
+        return len([m async for m in backend.list("chunks/") if m.key.endswith("/c.0.0.0.0.0")])
     finally:
         await backend.close()
 
@@ -84,7 +84,7 @@ async def test_concurrent_saves_of_overlapping_prefixes(
         await _check_every_prompt_loads(store, spec, prompts, assert_kv_equal)
         again = await asyncio.gather(*(store.save_prefix(spec, tokens, kv) for tokens, kv in prompts))
         assert sum(r.chunks_written for r in again) == 0
-    assert await _commit_records(store_url) == len(distinct)
+    assert await _committed_chunks(store_url) == len(distinct)
 
 
 async def test_two_stores_share_one_location(
@@ -106,7 +106,7 @@ async def test_two_stores_share_one_location(
         await asyncio.gather(first.close(), second.close())
     async with _open(store_url) as third:
         await _check_every_prompt_loads(third, spec, prompts, assert_kv_equal)
-    assert await _commit_records(store_url) == len(_distinct_chunks(spec, prompts))
+    assert await _committed_chunks(store_url) == len(_distinct_chunks(spec, prompts))
 
 
 async def test_loads_during_saves_see_whole_chunks_only(
@@ -117,7 +117,7 @@ async def test_loads_during_saves_see_whole_chunks_only(
     assert_kv_equal: Callable[..., None],
     counting_store: Callable[..., Any],
 ) -> None:
-    """A chunk becomes visible with its commit record, after all its layers: never half-written."""
+    """A chunk becomes visible with its data object, written whole: never half-written."""
     spec = make_spec(num_layers=4)
     prompt = list(range(8 * CT))
     kv = make_kv(spec, len(prompt))

@@ -15,7 +15,7 @@ from kvstore.store import KVStore, StoreOptions
 
 
 class GatedPuts(ObjectStore):
-    """Holds every layer PUT until ``gate`` is set; can fail them instead."""
+    """Holds every data-object PUT until ``gate`` is set; can fail them instead."""
 
     def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
@@ -35,16 +35,19 @@ class GatedPuts(ObjectStore):
     async def get(self, key: str) -> bytes:
         return await self.inner.get(key)
 
-    async def get_into(self, key: str, buffers: Sequence[memoryview], **kw: Any) -> int:
-        return await self.inner.get_into(key, buffers, **kw)
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        return await self.inner.get_range(key, start, end)
+
+    async def get_range_into(self, key: str, start: int, buffers: Sequence[memoryview], **kw: Any) -> int:
+        return await self.inner.get_range_into(key, start, buffers, **kw)
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         await self._pass(key)
         return await self.inner.put(key, data, create_only=create_only)
 
-    async def put_parts(self, key: str, parts: Sequence[memoryview]) -> None:
+    async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         await self._pass(key)
-        await self.inner.put_parts(key, parts)
+        return await self.inner.put_parts(key, parts, create_only=create_only)
 
     async def head(self, key: str) -> ObjectMeta | None:
         return await self.inner.head(key)
