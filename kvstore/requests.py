@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.storage import ObjectStore
@@ -52,13 +51,9 @@ class PriorityLimit:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
-    @contextlib.asynccontextmanager
-    async def __call__(self, priority: int = 0) -> AsyncIterator[None]:
-        await self._acquire(priority)
-        try:
-            yield
-        finally:
-            self._release()
+    def __call__(self, priority: int = 0) -> _Slot:
+        """``async with limit(priority):`` holds one slot for the block."""
+        return _Slot(self, priority)
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
@@ -80,6 +75,22 @@ class PriorityLimit:
                 fut.set_result(None)
                 return
         self._free += 1
+
+
+class _Slot:
+    """One use of a ``PriorityLimit`` (a class, not a generator: this runs for every request)."""
+
+    __slots__ = ("_limit", "_priority")
+
+    def __init__(self, limit: PriorityLimit, priority: int) -> None:
+        self._limit = limit
+        self._priority = priority
+
+    async def __aenter__(self) -> None:
+        await self._limit._acquire(self._priority)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._limit._release()
 
 
 class Requests:
