@@ -176,19 +176,22 @@ class ChunkReader:
         """One attempt at ``read_chunk``; ``progress(layers complete, bytes read so far)``."""
         req, nl = self.requests, spec.num_layers
         groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
-        if req.reads_into_buffers:  # a local file: the head, then each group of layers
-            head = await read_head(req, path, nl, hit.size)
-            codec = check_chunk_head(head, spec, mid, hit.key)
-            got = head.data_start
-            progress(0, got)
-            for a, b in groups:
-                start, end = min(x.offset for x in head.spans[a:b]), max(x.end for x in head.spans[a:b])
-                if codec.name == "none" and head.contiguous():
-                    await self._scatter(path, head, dest, a, b, priority=int(a > 0))
-                else:
-                    data = memoryview(await req.get_range(path, start, end, priority=int(a > 0)))
-                    await asyncio.to_thread(self._decode, codec, data, start, head, dest, a, b)
-                got += end - start
+        if req.reads_into_buffers:  # a local file: one request reads the head and the first group of layers
+            found: list[tuple[ShardHead, Callable[[int], None]]] = []
+
+            def plan(head_data: bytes) -> tuple[int, list[memoryview]]:  # in the reading thread
+                head = parse_head(head_data, nl, hit.size)
+                start, buffers, finish = self._plan(head, check_chunk_head(head, spec, mid, hit.key), dest, *groups[0])
+                found.append((head, finish))
+                return start, buffers
+
+            _, filled = await req.get_planned(path, min(hit.size, head_bytes(nl)), plan, then=lambda n: found[0][1](n))
+            head = found[0][0]
+            got = head.data_start + filled
+            progress(groups[0][1], got)
+            for a, b in groups[1:]:
+                start, buffers, finish = self._plan(head, check_chunk_head(head, spec, mid, hit.key), dest, a, b)
+                got += await req.get_range_into(path, start, buffers, then=finish, priority=1)
                 progress(b, got)
             return got
         if not split:  # one request for the whole chunk
@@ -220,22 +223,36 @@ class ChunkReader:
         progress(nl, len(first) + len(later))
         return len(first) + len(later)
 
-    async def _scatter(
-        self, path: str, head: ShardHead, dest: list[LayerBytes], a: int, b: int, *, priority: int
-    ) -> None:
-        """Read uncompressed layers ``[a, b)`` straight into their destinations (one ``preadv``) and check them
-        in the same worker thread, while the bytes are still in the CPU cache."""
+    def _plan(
+        self, head: ShardHead, codec: Codec, dest: list[LayerBytes], a: int, b: int
+    ) -> tuple[int, list[memoryview], Callable[[int], None]]:
+        """Where layers ``[a, b)`` are read to: ``(start offset, buffers, finish(filled))``.
+
+        Uncompressed, contiguous layers are scattered straight into their
+        destinations (K, V, and a 4-byte slot for the crc32c); anything else into
+        one scratch buffer that ``finish`` decodes. ``finish`` runs in the reading
+        thread, while the bytes are still in the CPU cache: sizes, the header's
+        crcs, and with ``verify`` the crc32c of every layer.
+        """
+        start, end = min(x.offset for x in head.spans[a:b]), max(x.end for x in head.spans[a:b])
+        if codec.name != "none" or not head.contiguous():
+            scratch = np.empty(end - start, np.uint8)
+
+            def decode(filled: int) -> None:
+                if filled != end - start:
+                    raise IntegrityError(f"data object ended after {start + filled} of {head.size} bytes")
+                self._decode(codec, scratch.data, start, head, dest, a, b)
+
+            return start, [scratch.data], decode
         crcs = np.empty((b - a, CRC_BYTES), np.uint8)
         buffers: list[memoryview] = []
         for i in range(a, b):
             kb, vb = dest[i]
             buffers += [kb.data, vb.data, crcs[i - a].data]
-        start = head.spans[a].offset
-        want = head.spans[b - 1].end - start
         expected = np.frombuffer(head.header.layer_crcs[CRC_BYTES * a : CRC_BYTES * b], np.uint8)
 
         def check(filled: int) -> None:
-            if filled != want:
+            if filled != end - start:
                 raise IntegrityError(f"data object ended after {start + filled} of {head.size} bytes")
             if not np.array_equal(crcs.reshape(-1), expected):
                 raise IntegrityError("layer checksum differs from the header's")
@@ -243,7 +260,7 @@ class ChunkReader:
                 for (kb, vb), crc in zip(dest[a:b], crcs, strict=True):
                     check_layer([kb, vb], crc)
 
-        await self.requests.get_range_into(path, start, buffers, then=check, priority=priority)
+        return start, buffers, check
 
     def _decode(
         self, codec: Codec, data: memoryview, base: int, head: ShardHead, dest: list[LayerBytes], a: int, b: int

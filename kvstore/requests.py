@@ -137,6 +137,18 @@ class Requests:
             self.counters.requests_get += 1
             return await self.backend.get_range_into(key, start, buffers, then=then)
 
+    async def get_planned(
+        self,
+        key: str,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        *,
+        then: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, int]:
+        async with self._limit():
+            self.counters.requests_get += 1
+            return await self.backend.get_planned(key, head, plan, then=then)
+
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         async with self._limit():
             self.counters.requests_put += 1

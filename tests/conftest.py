@@ -268,6 +268,21 @@ class CountingObjectStore(ObjectStore):
         finally:
             self._leave("get_into")
 
+    async def get_planned(
+        self,
+        key: str,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        *,
+        then: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, int]:
+        self._enter("get")
+        try:
+            await self._hold()
+            return await self.inner.get_planned(key, head, plan, then=then)
+        finally:
+            self._leave("get")
+
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         self._enter("put")
         try:

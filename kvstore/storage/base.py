@@ -82,6 +82,27 @@ class ObjectStore(ABC):
 
         return await asyncio.to_thread(fill)
 
+    async def get_planned(
+        self,
+        key: str,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        *,
+        then: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, int]:
+        """Read the object's first ``head`` bytes, let ``plan(head_bytes)`` say where the rest goes, fill it.
+
+        ``plan`` returns ``(start, buffers)``: the bytes from ``start`` are
+        scattered into ``buffers`` as by ``get_range_into``, then ``then(filled)``
+        runs. Returns the head bytes and how many bytes filled the buffers. A
+        self-describing object (an index in its first bytes) is read this way
+        with one request where the backend can (a local file: one worker-thread
+        hop for both reads); this default makes two.
+        """
+        first = await self.get_range(key, 0, head)
+        start, buffers = plan(first)
+        return first, await self.get_range_into(key, start, buffers, then=then)
+
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         """Store the concatenation of ``parts`` at ``key``, atomically for readers (``create_only`` as in ``put``).
 

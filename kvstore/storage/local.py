@@ -72,6 +72,33 @@ class LocalObjectStore(ObjectStore):
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
+    async def get_planned(
+        self,
+        key: str,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        *,
+        then: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, int]:
+        with translate_errors(self.url, key):
+            try:
+                return await asyncio.to_thread(self._planned, self._path(key), head, plan, then)
+            except _NO_OBJECT as exc:
+                raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
+
+    @classmethod
+    def _planned(
+        cls,
+        path: Path,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        then: Callable[[int], None] | None,
+    ) -> tuple[bytes, int]:
+        """``get_planned`` in one worker-thread call: ``pread`` of the head, then one ``preadv``."""
+        first = cls._pread(path, 0, head)
+        start, buffers = plan(first)
+        return first, cls._preadv_then(path, start, buffers, then)
+
     @classmethod
     def _preadv_then(
         cls, path: Path, start: int, buffers: Sequence[memoryview], then: Callable[[int], None] | None

@@ -194,6 +194,16 @@ class ResilientObjectStore(ObjectStore):
     ) -> int:
         return await self._request(key, lambda: self.inner.get_range_into(key, start, buffers, then=then))
 
+    async def get_planned(
+        self,
+        key: str,
+        head: int,
+        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        *,
+        then: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, int]:
+        return await self._request(key, lambda: self.inner.get_planned(key, head, plan, then=then))
+
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         return await self._request(key, lambda: self.inner.put_parts(key, parts, create_only=create_only))
 

@@ -4,8 +4,8 @@ A gated store holds the reads of chosen layers until the test opens their gate;
 ``wait_held`` waits until a given number of reads are held there. A chunk is one
 data object, so a read's layer is the layer its first byte belongs to (a read
 from the start of the object, index and header included, is layer 0's): a
-layer-pipelined load reads layer 0 first and the later layers in one more read,
-which counts as the read of layer 1.
+layer-pipelined load reads layer 0 first (a local file: with its head, in one
+request) and the later layers in one more read, which counts as the read of layer 1.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def make_gated(base: type) -> type:
         ) -> int:
             await self._gate(key, start)
             return await super().get_range_into(key, start, buffers, then=then)  # type: ignore[no-any-return]
+
+        async def get_planned(self, key: str, head: int, plan: Any, *, then: Any = None) -> tuple[bytes, int]:
+            await self._gate(key, 0)
+            return await super().get_planned(key, head, plan, then=then)  # type: ignore[no-any-return]
 
         def open_all(self) -> None:
             for gate in self.gates.values():

@@ -27,8 +27,8 @@ N_TOKENS = 3 * CT + 4  # three full chunks and a tail
 
 
 def _one_load(backend: Any) -> int:
-    """Reads of one whole load of the prompt's 4 chunks: one GET each (a local file: its head, then one preadv)."""
-    return 4 * (2 if backend.reads_into_buffers else 1)
+    """Reads of one whole load of the prompt's 4 chunks: one GET each (a local file: pread of the head + preadv)."""
+    return 4
 
 
 def _spec(make_spec: Callable[..., Spec]) -> Spec:
@@ -331,7 +331,7 @@ async def test_a_deadline_while_joined_returns_what_is_complete_and_leaves_the_p
     last = chunk_keys(spec, normalize_tokens(tokens), CT)[-1]
     backend, store = await _open(store_url, gated_store)
     hold = asyncio.Event()
-    read = backend.get, backend.get_range, backend.get_range_into
+    read = backend.get, backend.get_range, backend.get_range_into, backend.get_planned
 
     def held(call: Any) -> Any:  # the reads of the last chunk (the tail) wait until the test lets them go
         async def wrapper(key: str, *args: Any, **kwargs: Any) -> Any:
@@ -341,7 +341,7 @@ async def test_a_deadline_while_joined_returns_what_is_complete_and_leaves_the_p
 
         return wrapper
 
-    backend.get, backend.get_range, backend.get_range_into = (held(c) for c in read)
+    backend.get, backend.get_range, backend.get_range_into, backend.get_planned = (held(c) for c in read)
     try:
         handle = store.prefetch(spec, tokens)
         async with asyncio.timeout(10):

@@ -69,8 +69,8 @@ async def _overlap(
 
 
 def _chunk_reads(backend: Any) -> int:
-    """Chunks read: a local file is read in two requests (the head, then every layer at once), others in one."""
-    return len(backend.order) // (2 if backend.reads_into_buffers else 1)
+    """Chunks read: one request each."""
+    return len(backend.order)
 
 
 async def test_overlapping_loads_read_each_object_once(
