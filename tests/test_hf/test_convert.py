@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 import kvstore
-from kvstore.formats.hf import cache_from_kv, cache_layers, kv_from_cache
+from kvstore.formats.hf import LayerFeedTimeout, cache_from_kv, cache_layers, kv_from_cache, streaming_cache
+from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import chunk_prefix, layer_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,21 +148,29 @@ async def test_write_back_saves_in_the_background_and_the_next_turn_hits() -> No
     assert second.tokens == ref.tokens
 
 
-def _fail_layer_reads(store: kvstore.KVStore, layer: int, error: Exception) -> None:
-    """Make every read of ``layer``'s objects raise ``error`` (the other layers read normally)."""
+def _before_reads(store: kvstore.KVStore, before: Callable[[str], Awaitable[None]]) -> None:
+    """Run ``before(key)`` ahead of every read of the store's backend (it may wait or raise)."""
     backend: Any = store._backend
-    marker = f"/c.{layer}."
 
-    def failing(read: Any) -> Any:
+    def wrap(read: Any) -> Any:
         async def wrapped(key: str, *args: Any, **kwargs: Any) -> Any:
-            if marker in key:
-                raise error
+            await before(key)
             return await read(key, *args, **kwargs)
 
         return wrapped
 
-    backend.get = failing(backend.get)
-    backend.get_into = failing(backend.get_into)
+    backend.get = wrap(backend.get)
+    backend.get_into = wrap(backend.get_into)
+
+
+def _fail_layer_reads(store: kvstore.KVStore, layer: int, error: Exception) -> None:
+    """Make every read of ``layer``'s objects raise ``error`` (the other layers read normally)."""
+
+    async def fail(key: str) -> None:
+        if f"/c.{layer}." in key:
+            raise error
+
+    _before_reads(store, fail)
 
 
 async def _saved_store(url: str, model: Any, spec: kvstore.ModelSpec, prompt: list[int]) -> kvstore.KVStore:
@@ -185,18 +197,80 @@ async def test_a_streamed_hit_equals_the_whole_load_and_a_recompute() -> None:
     assert [layer.keys.shape[2] for layer in streamed.cache.layers] == [len(prompt)] * 3
 
 
-async def test_damage_found_mid_stream_reruns_over_the_shorter_prefix() -> None:
+def _layer_object(spec: kvstore.ModelSpec, prompt: list[int], chunk: int, layer: int) -> str:
+    """The stored path of ``chunk``'s ``layer`` object (chunks of 8 tokens)."""
+    key = chunk_keys(spec, normalize_tokens(prompt), 8)[chunk]
+    return layer_path(chunk_prefix(model_id(spec), key.digest), layer)
+
+
+def _gate_reads(store: kvstore.KVStore, path: str, gate: asyncio.Event) -> None:
+    """Hold every read of ``path`` until ``gate`` is set."""
+
+    async def wait(key: str) -> None:
+        if key == path:
+            await gate.wait()
+
+    _before_reads(store, wait)
+
+
+@pytest.mark.parametrize(("chunk", "expected"), [(0, 0), (2, 16)])
+async def test_damage_found_after_layer_0_was_handed_to_the_model(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, expected: int
+) -> None:
+    """Layer 0 reaches the running forward, then layer 2's read of ``chunk`` finds it damaged.
+
+    Damage of chunk 0 ends the stream early (nothing usable): every layer the
+    forward still waits for must be failed, or it waits forever. Damage of a later
+    chunk cuts the hit: the prompt reruns over the shorter prefix.
+    """
     model = _models.build("qwen2")
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="d", version="1")
     prompt = list(range(3, 43))
-    store = await _saved_store("memory://hf-damage", model, spec, prompt)
+    store = await _saved_store(f"memory://hf-damage-{chunk}", model, spec, prompt)
+    damaged = _layer_object(spec, prompt, chunk, 2)
+    data = bytearray(await store._backend.get(damaged))
+    data[len(data) // 2] ^= 0xFF  # a flipped byte at rest: the layer checksum finds it
+    await store._backend.put(damaged, bytes(data))
+    gate, feeds = asyncio.Event(), []
+    streaming = kvstore.hf.streaming_cache
+
+    def spying(*args: Any, **kwargs: Any) -> Any:  # layer 0 handed to the forward opens the gate
+        made = streaming(*args, **kwargs)
+        assert made is not None
+        feeds.extend(made[1])
+        put = made[1][0].put
+
+        def put_and_open(k: torch.Tensor, v: torch.Tensor) -> None:
+            put(k, v)
+            gate.set()
+
+        made[1][0].put = put_and_open
+        return made
+
+    monkeypatch.setattr(kvstore.hf, "streaming_cache", spying)
+    _gate_reads(store, damaged, gate)
     async with store:
-        _fail_layer_reads(store, 2, kvstore.IntegrityError("flipped bits"))  # found after layers 0 and 1 ran
-        out = await kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0)
-        assert out.cached_tokens == 0  # every chunk's layer 2 is damaged: nothing is usable
-        assert out.cache_error is None
+        try:
+            out = await asyncio.wait_for(kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0), 20)
+        finally:
+            for feed in feeds:  # a hung forward thread (the defect) is released, so the test fails, not hangs
+                feed.fail(RuntimeError("test over"))
+    assert gate.is_set()
+    assert (out.cached_tokens, out.cache_error) == (expected, None)
+    assert store.stats().chunks_damaged == 1
     full = await kvstore.hf.prefill(None, spec, model, prompt)
-    assert torch.equal(out.logits, full.logits)
+    assert (out.logits - full.logits).abs().max() <= 1e-4
+
+
+async def test_a_forward_never_waits_for_a_layer_without_bound() -> None:
+    """A producer that stalls without failing its feeds costs the forward its timeout, not forever."""
+    model = _models.build("llama")
+    made = streaming_cache(4, 3, config=model.config, timeout=0.2)
+    assert made is not None
+    cache, feeds = made
+    feeds[0].put(torch.zeros(4, 2, 16), torch.zeros(4, 2, 16))  # layer 1 never comes
+    with pytest.raises(LayerFeedTimeout):
+        await asyncio.wait_for(asyncio.to_thread(kvstore.hf._run, model, torch.tensor([5, 6]), cache), 20)
 
 
 async def test_a_store_failing_mid_stream_degrades_to_a_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
