@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ import torch
 import kvstore
 from kvstore.formats.hf import LayerFeedTimeout, cache_from_kv, cache_layers, kv_from_cache, streaming_cache
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, layer_path
+from kvstore.formats.layout import DATA_NAME, chunk_prefix, data_path
+from kvstore.formats.shard import parse_head
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,26 +149,35 @@ async def test_write_back_saves_in_the_background_and_the_next_turn_hits() -> No
     assert second.tokens == ref.tokens
 
 
-def _before_reads(store: kvstore.KVStore, before: Callable[[str], Awaitable[None]]) -> None:
-    """Run ``before(key)`` ahead of every read of the store's backend (it may wait or raise)."""
+def _before_reads(store: kvstore.KVStore, before: Callable[[str, int], Awaitable[None]]) -> None:
+    """Run ``before(key, start)`` ahead of every read of the store's backend (``start``: its first byte).
+
+    It may wait or raise. A load that streams layers reads each chunk's data
+    object in two ranges: layer 0 (with the header) from byte 0, the rest after it.
+    """
     backend: Any = store._backend
+    get, get_range, get_range_into = backend.get, backend.get_range, backend.get_range_into
 
-    def wrap(read: Any) -> Any:
-        async def wrapped(key: str, *args: Any, **kwargs: Any) -> Any:
-            await before(key)
-            return await read(key, *args, **kwargs)
+    async def whole(key: str) -> bytes:
+        await before(key, 0)
+        return cast(bytes, await get(key))
 
-        return wrapped
+    async def ranged(key: str, start: int, end: int) -> bytes:
+        await before(key, start)
+        return cast(bytes, await get_range(key, start, end))
 
-    backend.get = wrap(backend.get)
-    backend.get_into = wrap(backend.get_into)
+    async def into(key: str, start: int, buffers: Any, *, then: Any = None) -> int:
+        await before(key, start)
+        return cast(int, await get_range_into(key, start, buffers, then=then))
+
+    backend.get, backend.get_range, backend.get_range_into = whole, ranged, into
 
 
-def _fail_layer_reads(store: kvstore.KVStore, layer: int, error: Exception) -> None:
-    """Make every read of ``layer``'s objects raise ``error`` (the other layers read normally)."""
+def _fail_later_layer_reads(store: kvstore.KVStore, error: Exception) -> None:
+    """Make every read of a chunk's layers after layer 0 raise ``error`` (layer 0 reads normally)."""
 
-    async def fail(key: str) -> None:
-        if f"/c.{layer}." in key:
+    async def fail(key: str, start: int) -> None:
+        if key.endswith(DATA_NAME) and start > 0:
             raise error
 
     _before_reads(store, fail)
@@ -197,17 +207,26 @@ async def test_a_streamed_hit_equals_the_whole_load_and_a_recompute() -> None:
     assert [layer.keys.shape[2] for layer in streamed.cache.layers] == [len(prompt)] * 3
 
 
-def _layer_object(spec: kvstore.ModelSpec, prompt: list[int], chunk: int, layer: int) -> str:
-    """The stored path of ``chunk``'s ``layer`` object (chunks of 8 tokens)."""
+def _data_object(spec: kvstore.ModelSpec, prompt: list[int], chunk: int) -> str:
+    """The stored path of ``chunk``'s data object (chunks of 8 tokens)."""
     key = chunk_keys(spec, normalize_tokens(prompt), 8)[chunk]
-    return layer_path(chunk_prefix(model_id(spec), key.digest), layer)
+    return data_path(chunk_prefix(model_id(spec), key.digest))
 
 
-def _gate_reads(store: kvstore.KVStore, path: str, gate: asyncio.Event) -> None:
-    """Hold every read of ``path`` until ``gate`` is set."""
+async def _damage_layer(store: kvstore.KVStore, path: str, num_layers: int, layer: int) -> None:
+    """Flip a byte of ``layer``'s stored bytes in the data object at ``path``: its checksum finds it."""
+    backend: Any = store._backend
+    data = bytearray(await backend.get(path))
+    span = parse_head(data, num_layers, len(data)).spans[layer]
+    data[span.offset + span.nbytes // 2] ^= 0xFF
+    await backend.put(path, bytes(data))
 
-    async def wait(key: str) -> None:
-        if key == path:
+
+def _gate_later_layers(store: kvstore.KVStore, path: str, gate: asyncio.Event) -> None:
+    """Hold every read of the layers after layer 0 in the data object at ``path`` until ``gate`` is set."""
+
+    async def wait(key: str, start: int) -> None:
+        if key == path and start > 0:
             await gate.wait()
 
     _before_reads(store, wait)
@@ -217,7 +236,7 @@ def _gate_reads(store: kvstore.KVStore, path: str, gate: asyncio.Event) -> None:
 async def test_damage_found_after_layer_0_was_handed_to_the_model(
     monkeypatch: pytest.MonkeyPatch, chunk: int, expected: int
 ) -> None:
-    """Layer 0 reaches the running forward, then layer 2's read of ``chunk`` finds it damaged.
+    """Layer 0 reaches the running forward, then the read of ``chunk``'s later layers finds layer 2 damaged.
 
     Damage of chunk 0 ends the stream early (nothing usable): every layer the
     forward still waits for must be failed, or it waits forever. Damage of a later
@@ -227,10 +246,8 @@ async def test_damage_found_after_layer_0_was_handed_to_the_model(
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="d", version="1")
     prompt = list(range(3, 43))
     store = await _saved_store(f"memory://hf-damage-{chunk}", model, spec, prompt)
-    damaged = _layer_object(spec, prompt, chunk, 2)
-    data = bytearray(await store._backend.get(damaged))
-    data[len(data) // 2] ^= 0xFF  # a flipped byte at rest: the layer checksum finds it
-    await store._backend.put(damaged, bytes(data))
+    damaged = _data_object(spec, prompt, chunk)
+    await _damage_layer(store, damaged, spec.num_layers, 2)  # a flipped byte at rest in layer 2
     gate, feeds = asyncio.Event(), []
     streaming = kvstore.hf.streaming_cache
 
@@ -248,7 +265,7 @@ async def test_damage_found_after_layer_0_was_handed_to_the_model(
         return made
 
     monkeypatch.setattr(kvstore.hf, "streaming_cache", spying)
-    _gate_reads(store, damaged, gate)
+    _gate_later_layers(store, damaged, gate)
     async with store:
         try:
             out = await asyncio.wait_for(kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0), 20)
@@ -279,7 +296,7 @@ async def test_a_store_failing_mid_stream_degrades_to_a_full_prefill(caplog: pyt
     prompt = list(range(3, 23))
     store = await _saved_store("memory://hf-down", model, spec, prompt)
     async with store:
-        _fail_layer_reads(store, 1, kvstore.StoreUnavailableError("down"))
+        _fail_later_layer_reads(store, kvstore.StoreUnavailableError("down"))
         out = await kvstore.hf.generate(store, spec, model, prompt, 2, min_cached_tokens=0)
     assert (out.cached_tokens, out.computed_tokens, out.saved, out.cache_error) == (0, 20, None, "down")
     assert "unavailable" in caplog.text
