@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvstore.errors import InvalidInputError, StoreUnavailableError
-from kvstore.formats.hf import cache_from_kv, kv_from_cache, streaming_cache
+from kvstore.formats.hf import LayerFeed, LayerFeedTimeout, cache_from_kv, kv_from_cache, streaming_cache
 from kvstore.formats.keys import TokenInput, normalize_tokens
 from kvstore.results import SaveResult
 from kvstore.spec import ModelSpec
@@ -215,24 +215,34 @@ async def _restore(store: KVStore, spec: ModelSpec, model: Any, ids: torch.Tenso
             return await _run_after(model, ids, got, layers.num_tokens, config)
         cache, feeds = streaming
         forward = asyncio.ensure_future(asyncio.to_thread(_run, model, ids[cached:], cache))
+        filled = 0  # feeds[:filled] have their K/V; the forward may be waiting on feeds[filled]
         try:
             feeds[0].put(first[1][:cached], first[2][:cached])
+            filled = 1
             async for layer, k, v in layers:
                 got.append((k, v))
-                if len(k) < cached:  # a damaged chunk cut the hit short: this forward cannot finish
-                    for feed in feeds:
-                        feed.fail(_Abandoned())
-                else:
+                if layer == filled and len(k) >= cached:
                     feeds[layer].put(k[:cached], v[:cached])
-        except BaseException:
-            for feed in feeds:
-                feed.fail(_Abandoned())
+                    filled += 1
+                else:  # a damaged chunk cut the hit short: this forward cannot finish
+                    _abandon(feeds[filled:])
+            if filled == len(feeds) and layers.num_tokens >= cached:
+                return cached, cache, await forward
+        except LayerFeedTimeout:
+            logger.warning("the load stalled under a running forward; rerunning over what it restored")
+        finally:
+            # However the stream ended (short, failed, cancelled), no layer the forward waits for stays unfilled.
+            _abandon(feeds[filled:])
             await _settle(forward)  # the worker thread ends before the buffers go
-            raise
-        if layers.num_tokens >= cached:
-            return cached, cache, await forward
-        await _settle(forward)
+        if len(got) < len(feeds):  # the stream ended early: nothing of the prefix is usable
+            return None
         return await _run_after(model, ids, got, layers.num_tokens, config)
+
+
+def _abandon(feeds: Sequence[LayerFeed]) -> None:
+    """Wake a forward waiting on any of ``feeds``: their layers will not come."""
+    for feed in feeds:
+        feed.fail(_Abandoned())
 
 
 async def _settle(forward: asyncio.Future[Any]) -> None:

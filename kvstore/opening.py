@@ -25,6 +25,7 @@ NAMESPACES_DIR = "namespaces"
 _NAMESPACE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 DEFAULT_RETRY = RetryPolicy()
+_STORE_DEFAULTS = StoreOptions()
 
 
 class OpenOptions(TypedDict, total=False):
@@ -45,6 +46,8 @@ class OpenOptions(TypedDict, total=False):
     cache_url: str | os.PathLike[str] | None
     disk_cache_bytes: int
     pinned_pool_bytes: int
+    writeback_budget: int
+    prefetch_budget: int
 
 
 class _TierOptions(NamedTuple):
@@ -109,6 +112,8 @@ def open(  # noqa: A001 - the public name the API promises
     cache_url: str | os.PathLike[str] | None = None,
     disk_cache_bytes: int = DEFAULT_DISK_CACHE_BYTES,
     pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES,
+    writeback_budget: int = _STORE_DEFAULTS.writeback_budget,
+    prefetch_budget: int = _STORE_DEFAULTS.prefetch_budget,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
@@ -130,6 +135,9 @@ def open(  # noqa: A001 - the public name the API promises
     ``pinned_pool_bytes`` bounds the pinned host memory used to stage copies to
     and from CUDA devices (1 GiB; allocated on first use and reused; 0 disables
     pinning). See docs/GPU.md.
+    ``writeback_budget`` bounds the bytes of KV that background saves
+    (``save_prefix(wait=False)``) hold (1 GiB; past it a save waits), and
+    ``prefetch_budget`` those of unclaimed prefetches (1 GiB; the oldest are dropped).
     """
     for name, value in (("memory_cache_bytes", memory_cache_bytes), ("disk_cache_bytes", disk_cache_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -148,6 +156,8 @@ def open(  # noqa: A001 - the public name the API promises
         "repair": repair,
         "fail_open": fail_open,
         "pinned_pool_bytes": pinned_pool_bytes,
+        "writeback_budget": writeback_budget,
+        "prefetch_budget": prefetch_budget,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create, retry, tiers)

@@ -9,9 +9,9 @@ store.close()
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Unpack
+from typing import Final, TypeVar, Unpack
 
 import torch
 
@@ -20,11 +20,19 @@ from kvstore.formats.keys import TokenInput
 from kvstore.loading import LayerStream
 from kvstore.opening import OpenOptions
 from kvstore.opening import open as open_async
+from kvstore.prefetch import PrefetchHandle
 from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
-from kvstore.store import KVStore
+from kvstore.store import KVStore, StoreOptions
 
-__all__ = ["SyncStore", "open"]
+__all__ = ["NOT_MIRRORED", "SyncPrefetchHandle", "SyncStore", "open"]
+
+T = TypeVar("T")
+
+NOT_MIRRORED: Final[Mapping[str, str]] = {
+    "save_prefix(wait=)": "a SaveHandle is awaited on the loop thread: use save_prefix_background, then flush()",
+}
+"""What of ``KVStore``'s public API ``SyncStore`` does not mirror, and why (a test keeps this complete)."""
 
 
 class SyncStore:
@@ -41,6 +49,10 @@ class SyncStore:
     @property
     def chunk_tokens(self) -> int:
         return self._store.chunk_tokens
+
+    @property
+    def options(self) -> StoreOptions:
+        return self._store.options
 
     def save_prefix(self, spec: ModelSpec, tokens: TokenInput, kv: Sequence[LayerKV]) -> SaveResult:
         return self._loop.run(self._store.save_prefix(spec, tokens, kv))
@@ -79,6 +91,16 @@ class SyncStore:
         finally:
             self._loop.run(stream.aclose())
 
+    def prefetch(
+        self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu"
+    ) -> SyncPrefetchHandle:
+        """Start loading in the background (on the loop thread); the next ``load_prefix`` of these tokens joins it."""
+        handle = self._loop.run(_call(lambda: self._store.prefetch(spec, tokens, device=device)))
+        return SyncPrefetchHandle(handle, self._loop)
+
+    def has_prefetch(self, spec: ModelSpec, tokens: TokenInput, *, device: torch.device | str = "cpu") -> bool:
+        return self._loop.run(_call(lambda: self._store.has_prefetch(spec, tokens, device=device)))
+
     def lookup(self, spec: ModelSpec, tokens: TokenInput) -> int:
         return self._loop.run(self._store.lookup(spec, tokens))
 
@@ -106,6 +128,35 @@ class SyncStore:
         self.close()
 
 
+class SyncPrefetchHandle:
+    """A prefetch started by ``SyncStore.prefetch``: ``result()`` blocks for its ``LoadResult``.
+
+    The prefetch runs on the store's loop thread whether or not anyone waits;
+    ``result()`` raises ``concurrent.futures.CancelledError`` for a dropped one.
+    """
+
+    def __init__(self, handle: PrefetchHandle, loop: LoopThread) -> None:
+        self._handle = handle
+        self._loop = loop
+
+    @property
+    def chunks_done(self) -> int:
+        return self._handle.chunks_done
+
+    @property
+    def bytes_done(self) -> int:
+        return self._handle.bytes_done
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+    def cancel(self) -> bool:
+        return self._loop.run(_call(self._handle.cancel))
+
+    def result(self) -> LoadResult:
+        return self._loop.run(_await(self._handle))
+
+
 def open(url: str | os.PathLike[str], **options: Unpack[OpenOptions]) -> SyncStore:  # noqa: A001 - mirrors kvstore.open
     """Open a store for blocking use; the arguments are those of ``kvstore.open``."""
     opening = open_async(url, **options)
@@ -122,5 +173,10 @@ async def _next(stream: LayerStream) -> tuple[int, torch.Tensor, torch.Tensor] |
     return await anext(stream, None)
 
 
-async def _await(opening: Awaitable[KVStore]) -> KVStore:
-    return await opening
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+async def _call(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the loop thread: the store's prefetch buffer belongs to it."""
+    return fn()

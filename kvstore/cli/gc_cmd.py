@@ -70,6 +70,11 @@ def _print_report(report: Any, console: Console) -> None:
 @click.command("gc")
 @store_arguments
 @click.option("--grace", default="1h", show_default=True, help="Only delete garbage older than this (30s, 15m, 1h).")
+@click.option(
+    "--allow-short-grace",
+    is_flag=True,
+    help="Accept a grace of 60s or less (the retirement-check interval): it can delete what a writer is saving.",
+)
 @click.option("--dry-run", is_flag=True, help="Report what would be freed; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before a large deletion.")
 @click.option(
@@ -87,6 +92,7 @@ def gc_command(
     storage_option: tuple[str, ...],
     as_json: bool,
     grace: str,
+    allow_short_grace: bool,
     dry_run: bool,
     yes: bool,
     confirm_threshold: int,
@@ -97,14 +103,20 @@ def gc_command(
     Garbage is everything under chunks/ of retired (or unknown) model versions,
     objects of uncommitted chunks, chunks whose chain is broken, stale tail
     markers and temporary files. Only objects older than --grace are deleted, so
-    writers that are saving right now never lose a chunk. Exit code 0 when done,
+    writers that are saving right now never lose a chunk; it must exceed the 60 s
+    retirement-check interval unless --allow-short-grace. Exit code 0 when done,
     1 on an error or when some deletion failed; an interrupted run leaves the
     store consistent and running it again finishes the job.
     """
-    from kvstore.gc import GCReport, run_gc
+    from kvstore.errors import InvalidInputError
+    from kvstore.gc import GCReport, check_grace, run_gc
 
     options = parse_options(storage_option, url)
     grace_s = parse_duration(grace)
+    try:
+        check_grace(grace_s, allow_short_grace, override="--allow-short-grace")
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--grace") from exc
     interactive = is_terminal() and not as_json
     console = make_console()
 
@@ -114,7 +126,13 @@ def gc_command(
         async def work() -> GCReport:
             with progress.shown():
                 return await run_gc(
-                    url, storage_options=options, grace=grace_s, dry_run=dry, progress=progress, concurrency=concurrency
+                    url,
+                    storage_options=options,
+                    grace=grace_s,
+                    dry_run=dry,
+                    progress=progress,
+                    concurrency=concurrency,
+                    allow_short_grace=allow_short_grace,
                 )
 
         return run_async(ctx, work)

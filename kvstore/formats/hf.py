@@ -23,7 +23,28 @@ import torch
 from kvstore.errors import InvalidInputError
 from kvstore.results import LayerKV
 
-__all__ = ["LayerFeed", "cache_from_kv", "cache_layers", "kv_from_cache", "streaming_cache"]
+__all__ = [
+    "FEED_TIMEOUT_S",
+    "LayerFeed",
+    "LayerFeedTimeout",
+    "cache_from_kv",
+    "cache_layers",
+    "kv_from_cache",
+    "streaming_cache",
+]
+
+FEED_TIMEOUT_S = 300.0
+"""How long a forward waits for one layer of a ``streaming_cache`` before it gives up.
+
+A backstop, not the normal way out: the producer fails every layer it will not
+fill as soon as it knows (``kvstore.hf`` does, whenever its load ends short, fails
+or is cancelled). The timeout bounds a producer that stalls or stops without a word,
+so a forward thread never waits forever.
+"""
+
+
+class LayerFeedTimeout(TimeoutError):
+    """A forward waited longer than its ``streaming_cache``'s timeout for a layer's restored K/V."""
 
 
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,15 +136,18 @@ class LayerFeed(Protocol):
         ...
 
 
-def streaming_cache(num_tokens: int, num_layers: int, *, config: Any = None) -> tuple[Any, list[LayerFeed]] | None:
+def streaming_cache(
+    num_tokens: int, num_layers: int, *, config: Any = None, timeout: float = FEED_TIMEOUT_S
+) -> tuple[Any, list[LayerFeed]] | None:
     """A batch-1 ``DynamicCache`` whose first ``num_tokens`` arrive layer by layer while a forward runs.
 
     The model can start on the tokens after the restored prefix at once, in
     another thread: layer ``i``'s attention waits until ``feeds[i].put(k, v)``
     (from the loader) has given that layer's K/V, so the forward overlaps the
-    rest of the load. None when the model has layers other than plain
-    full-attention ones (their caches need the whole prefix up front): use
-    ``cache_from_kv`` then.
+    rest of the load. A layer neither given nor failed within ``timeout`` seconds
+    of the forward reaching it makes the forward raise ``LayerFeedTimeout``.
+    None when the model has layers other than plain full-attention ones (their
+    caches need the whole prefix up front): use ``cache_from_kv`` then.
     """
     plain, streamed = _layer_types()
     cache: Any = _empty(config)
@@ -131,7 +155,9 @@ def streaming_cache(num_tokens: int, num_layers: int, *, config: Any = None) -> 
         cache.layers.extend(plain() for _ in range(num_layers))
     if len(cache.layers) != num_layers or any(type(layer) is not plain for layer in cache.layers):
         return None
-    cache.layers = [streamed(num_tokens) for _ in range(num_layers)]
+    if not timeout > 0:
+        raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    cache.layers = [streamed(num_tokens, timeout) for _ in range(num_layers)]
     return cache, list(cache.layers)
 
 
@@ -152,9 +178,10 @@ def _layer_types() -> tuple[Any, Any]:
     class StreamedLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers is not typed
         """A ``DynamicLayer`` whose restored prefix is set by ``put`` from another thread before its first update."""
 
-        def __init__(self, num_tokens: int) -> None:
+        def __init__(self, num_tokens: int, timeout: float) -> None:
             super().__init__()  # type: ignore[no-untyped-call]
             self._num_tokens = num_tokens
+            self._timeout = timeout
             self._ready = threading.Event()
             self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
             self._error: BaseException | None = None
@@ -172,7 +199,8 @@ def _layer_types() -> tuple[Any, Any]:
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if not self.is_initialized:
-                self._ready.wait()
+                if not self._ready.wait(self._timeout):
+                    raise LayerFeedTimeout(f"no restored K/V for this layer within {self._timeout} s")
                 if self._error is not None:
                     raise self._error
                 assert self._kv is not None

@@ -12,13 +12,14 @@ head, get, delete) plus bulk listing/deletion with aioboto3 on ``s3://``.
 
 from __future__ import annotations
 
-from kvstore.gc.marksweep import DEFAULT_GRACE, mark_and_sweep, run_gc
+from kvstore.gc.marksweep import DEFAULT_GRACE, MIN_GRACE, check_grace, mark_and_sweep, run_gc
 from kvstore.gc.report import REASONS, GCProgress, GCReport, ModelUsage
 from kvstore.gc.usage import ModelStats, UsageReport, scan_usage
 from kvstore.gc.verify import VerifyReport, verify_store
 
 __all__ = [
     "DEFAULT_GRACE",
+    "MIN_GRACE",
     "REASONS",
     "GCProgress",
     "GCReport",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelUsage",
     "UsageReport",
     "VerifyReport",
+    "check_grace",
     "mark_and_sweep",
     "run_gc",
     "scan_usage",

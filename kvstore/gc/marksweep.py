@@ -40,11 +40,20 @@ from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
+from kvstore.store import LIVE_CHECK_TTL
 
-__all__ = ["DEFAULT_GRACE", "mark_and_sweep", "run_gc"]
+__all__ = ["DEFAULT_GRACE", "MIN_GRACE", "check_grace", "mark_and_sweep", "run_gc"]
 
 DEFAULT_GRACE = 3600.0
 """Seconds an unreachable object must have existed before the GC deletes it."""
+
+MIN_GRACE = LIVE_CHECK_TTL
+"""The grace must exceed this: a writer trusts a live check of its model version this long.
+
+A save that found its model live up to ``MIN_GRACE`` seconds ago may still be
+writing under it after the model was retired; a shorter grace lets a GC delete
+those fresh objects (docs/FORMAT.md, "Garbage collection").
+"""
 
 _MAX_FAILURE_SAMPLES = 100
 _TAIL_MIX = 0x9E3779B97F4A7C15
@@ -152,17 +161,25 @@ async def run_gc(
     dry_run: bool = False,
     progress: GCProgress | None = None,
     concurrency: int = 32,
+    allow_short_grace: bool = False,
 ) -> GCReport:
     """Open the store at ``url`` and run one mark-and-sweep; see ``mark_and_sweep``.
 
     On ``s3://`` the listing and deletion go through aioboto3 (ListObjectsV2,
     DeleteObjects batches); elsewhere through the store's own calls.
     """
+    check_grace(grace, allow_short_grace)
     backend = await open_object_store(url, storage_options)
     try:
         async with open_bulk_ops(backend, str(url), storage_options) as bulk:
             return await mark_and_sweep(
-                backend, bulk, grace=grace, dry_run=dry_run, progress=progress, concurrency=concurrency
+                backend,
+                bulk,
+                grace=grace,
+                dry_run=dry_run,
+                progress=progress,
+                concurrency=concurrency,
+                allow_short_grace=allow_short_grace,
             )
     finally:
         await backend.close()
@@ -177,15 +194,16 @@ async def mark_and_sweep(
     progress: GCProgress | None = None,
     concurrency: int = 32,
     now: float | None = None,
+    allow_short_grace: bool = False,
 ) -> GCReport:
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
     Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Safe
     to interrupt at any point: every deletion targets garbage, and running again
     finishes the job. Deletions that fail are counted and sampled in the report.
+    A ``grace`` of ``MIN_GRACE`` or less is refused unless ``allow_short_grace``.
     """
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
-        raise InvalidInputError(f"grace must be a non-negative number of seconds, got {grace!r}")
+    check_grace(grace, allow_short_grace)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise InvalidInputError(f"concurrency must be a positive int, got {concurrency!r}")
     started = time.monotonic()
@@ -210,6 +228,22 @@ async def mark_and_sweep(
     await sweep.run()
     report.elapsed = time.monotonic() - started
     return report
+
+
+def check_grace(grace: float, allow_short_grace: bool, *, override: str = "allow_short_grace=True") -> None:
+    """Refuse a grace that is not a number of seconds, or not above ``MIN_GRACE`` unless allowed.
+
+    ``override`` names the switch that accepts a short grace, for the message
+    (the CLI's is ``--allow-short-grace``).
+    """
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise InvalidInputError(f"grace must be a non-negative number of seconds, got {grace!r}")
+    if grace <= MIN_GRACE and allow_short_grace is not True:
+        raise InvalidInputError(
+            f"grace must exceed the {MIN_GRACE:g} s retirement-check interval, got {grace:g} s: a writer that "
+            f"checked its model version live up to {MIN_GRACE:g} s ago may still be saving under it, and a "
+            f"shorter grace could delete what it writes; pass {override} to accept that risk"
+        )
 
 
 def _seed_models(report: GCReport, registry: Registry) -> None:

@@ -11,6 +11,17 @@ Only StoreUnavailableError and timeouts are retried. A definite answer (not
 found, access denied, damaged data) is returned at once and counts as proof that
 the store is up. Every operation kvstore issues is idempotent (content-addressed
 writes, create-only records, deletes), so a retry after a lost reply is safe.
+
+A timeout cannot stop a backend's worker thread (a blocked ``preadv`` or
+``writev``), only stop waiting for it. So a request whose thread works on the
+caller's buffers (``get_range_into`` and ``put_parts`` of a backend that reads
+into buffers, i.e. local files) is never left behind: past its timeout it is
+counted as timed out and waited for, and its late answer is used (or retried
+as any other). Otherwise a late thread would write into buffers the caller
+got back and reused (a pinned pool hands them to the next load), or publish
+bytes from them. Other backends touch the caller's buffers only outside any
+timeout: ``put_parts`` joins them before its request, ``get_range_into`` fills
+them after its (retried) ``get_range``.
 """
 
 from __future__ import annotations
@@ -145,13 +156,19 @@ class ResilientObjectStore(ObjectStore):
         self.stats = RetryStats()
         self.breaker = CircuitBreaker(self.policy.breaker_threshold, self.policy.breaker_cooldown, self.stats, clock)
 
-    async def _request(self, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _request(self, key: str, attempt: Callable[[], Awaitable[T]], *, on_buffers: bool = False) -> T:
+        """``attempt()`` under the policy. ``on_buffers``: it reads into or writes from the caller's buffers in a
+        worker thread, which a timeout cannot stop: it is then waited for (see ``_unabandoned``), never left behind.
+        """
         policy = self.policy
         for n in range(policy.attempts):
             probe = self.breaker.before_request(self.url)
             try:
-                async with asyncio.timeout(policy.request_timeout):
-                    result = await attempt()
+                if on_buffers:
+                    result = await self._unabandoned(attempt)
+                else:
+                    async with asyncio.timeout(policy.request_timeout):
+                        result = await attempt()
             except TimeoutError:
                 self.stats.timeouts += 1
                 error: StoreUnavailableError = StoreUnavailableError(
@@ -180,6 +197,26 @@ class ResilientObjectStore(ObjectStore):
             await asyncio.sleep(policy.backoff(n))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _unabandoned(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` to its end even past the request timeout, so no thread of it outlives the request.
+
+        A timeout is counted but does not cancel: a worker thread in ``preadv`` or
+        ``writev`` would go on writing into (or publishing from) buffers that the
+        caller has got back and reused. The late answer is then used, or retried
+        as any other. Only the caller's own cancellation cancels it (a load that
+        is cancelled never reuses its buffers).
+        """
+        task = asyncio.ensure_future(attempt())
+        try:
+            done, _ = await asyncio.wait([task], timeout=self.policy.request_timeout)
+            if not done:
+                self.stats.timeouts += 1
+                await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        return task.result()
+
     async def get(self, key: str) -> bytes:
         return await self._request(key, lambda: self.inner.get(key))
 
@@ -192,7 +229,11 @@ class ResilientObjectStore(ObjectStore):
     async def get_range_into(
         self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
     ) -> int:
-        return await self._request(key, lambda: self.inner.get_range_into(key, start, buffers, then=then))
+        if not self.inner.reads_into_buffers:  # a retried get_range, then one copy in a thread no timeout gives up
+            return await super().get_range_into(key, start, buffers, then=then)
+        return await self._request(
+            key, lambda: self.inner.get_range_into(key, start, buffers, then=then), on_buffers=True
+        )
 
     async def get_planned(
         self,
@@ -205,7 +246,11 @@ class ResilientObjectStore(ObjectStore):
         return await self._request(key, lambda: self.inner.get_planned(key, head, plan, then=then))
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
-        return await self._request(key, lambda: self.inner.put_parts(key, parts, create_only=create_only))
+        if not self.inner.reads_into_buffers:  # the base put_parts: it joins the parts before any request
+            return await super().put_parts(key, parts, create_only=create_only)
+        return await self._request(
+            key, lambda: self.inner.put_parts(key, parts, create_only=create_only), on_buffers=True
+        )
 
     async def head(self, key: str) -> ObjectMeta | None:
         return await self._request(key, lambda: self.inner.head(key))

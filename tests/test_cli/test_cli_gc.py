@@ -45,6 +45,16 @@ def _age(root: Path, seconds: float = 7200) -> None:
             os.utime(path, (past, past))
 
 
+def _retired_store(tmp_path: Path, *, age: bool = True) -> str:
+    """A store at ``tmp_path/s`` with tiny-llama@v1 retired (13 objects of garbage) and v2 live; aged 2 h."""
+    url = str(tmp_path / "s")
+    _make_store(url)
+    _invoke("retire", url, "tiny-llama@v1")
+    if age:
+        _age(tmp_path / "s")
+    return url
+
+
 def _invoke(*args: str, stdin: str | None = None) -> Any:
     return CliRunner().invoke(cli, list(args), input=stdin)
 
@@ -97,10 +107,7 @@ def test_retire_json_and_errors(tmp_path: Path) -> None:
 
 
 def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
-    url = str(tmp_path / "s")
-    _make_store(url)
-    _invoke("retire", url, "tiny-llama@v1")
-    _age(tmp_path / "s")
+    url = _retired_store(tmp_path)
     files = sorted(tmp_path.rglob("*"))
     plan = _invoke("gc", url, "--dry-run", "--json")
     assert plan.exit_code == 0, plan.output
@@ -122,19 +129,27 @@ def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
 
 
 def test_gc_grace_keeps_young_objects(tmp_path: Path) -> None:
-    url = str(tmp_path / "s")
-    _make_store(url)
-    _invoke("retire", url, "tiny-llama@v1")
+    url = _retired_store(tmp_path, age=False)
     report = json.loads(_invoke("gc", url, "--json").output)  # default grace 1h: all still young
     assert report["freed_objects"] == 0
     assert sum(m["young_objects"] for m in report["models"]) == 7
 
 
+def test_gc_refuses_a_short_grace_unless_allowed(tmp_path: Path) -> None:
+    url = _retired_store(tmp_path)
+    files = sorted(tmp_path.rglob("*"))
+    for grace in ("0", "30s", "1m"):
+        refused = _invoke("gc", url, "--grace", grace, "--json")
+        assert refused.exit_code == 2  # a usage error, before the store is touched
+        assert "--allow-short-grace" in refused.output
+    assert sorted(tmp_path.rglob("*")) == files
+    done = _invoke("gc", url, "--grace", "30s", "--allow-short-grace", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["freed_objects"] == 13
+
+
 def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = str(tmp_path / "s")
-    _make_store(url)
-    _invoke("retire", url, "tiny-llama@v1")
-    _age(tmp_path / "s")
+    url = _retired_store(tmp_path)
     monkeypatch.setattr(gc_cmd, "is_terminal", lambda: True)
     files = sorted(tmp_path.rglob("*"))
     no = _invoke("gc", url, "--confirm-threshold", "5", stdin="n\n")
@@ -200,7 +215,9 @@ def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: An
     retire = subprocess.run([exe, "retire", url, "tiny-llama@v1"], capture_output=True, text=True, env=env)
     assert retire.returncode == 0, retire.stderr
     time.sleep(1.1)
-    out = subprocess.run([exe, "gc", url, "--grace", "1s", "--json"], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [exe, "gc", url, "--grace", "1s", "--allow-short-grace", "--json"], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["reasons"] == {"retired": 7}
     ls = subprocess.run([exe, "ls", url, "--json"], capture_output=True, text=True, env=env)

@@ -20,18 +20,27 @@ async def run_gc_at(
     grace: float = 0.0,
     dry_run: bool = False,
     now: float | None = None,
+    allow_short_grace: bool = True,
     **kwargs: Any,
 ) -> GCReport:
     """One GC through the same bulk operations as ``kvstore.gc.run_gc``, with the clock at ``now``.
 
     ``now`` defaults to a few seconds ahead so objects written by the test count
-    as older than a zero grace whatever the backend's timestamp resolution.
+    as older than a zero grace whatever the backend's timestamp resolution. Tests
+    use graces far below ``kvstore.gc.MIN_GRACE`` on purpose, so they accept it
+    unless ``allow_short_grace=False``.
     """
     backend = await open_object_store(url, options)
     try:
         async with open_bulk_ops(backend, url, options) as bulk:
             return await mark_and_sweep(
-                backend, bulk, grace=grace, dry_run=dry_run, now=time.time() + 5 if now is None else now, **kwargs
+                backend,
+                bulk,
+                grace=grace,
+                dry_run=dry_run,
+                now=time.time() + 5 if now is None else now,
+                allow_short_grace=allow_short_grace,
+                **kwargs,
             )
     finally:
         await backend.close()

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from gc_helpers import put_raw, run_gc_at, snapshot
 
 import kvstore
+import kvstore.gc
 from kvstore.formats.keys import chunk_keys, key_root, model_id, normalize_tokens
 from kvstore.formats.layout import chunk_prefix, data_path, model_chunks_prefix, tails_prefix
 
@@ -299,19 +301,46 @@ async def test_delete_failures_are_reported_and_an_interrupted_gc_is_finished_by
     backend = await open_object_store(url, opts)
     now = time.time() + 5
     with pytest.raises(_Crash):
-        await mark_and_sweep(backend, _FailingBulk(StoreBulkOps(backend), interrupt=True), grace=0, now=now)
+        await mark_and_sweep(
+            backend, _FailingBulk(StoreBulkOps(backend), interrupt=True), grace=0, now=now, allow_short_grace=True
+        )
     assert [m async for m in backend.list(model_chunks_prefix(model_id(specs[0])))] != []
 
-    report = await mark_and_sweep(backend, _FailingBulk(StoreBulkOps(backend), refuse="/zarr.json"), grace=0, now=now)
+    report = await mark_and_sweep(
+        backend, _FailingBulk(StoreBulkOps(backend), refuse="/zarr.json"), grace=0, now=now, allow_short_grace=True
+    )
     assert not report.ok
     assert report.failures_total > 0
     assert len(report.failures) == min(100, report.failures_total)
     assert all(f.key.endswith("/zarr.json") and f.error == "AccessDenied: test" for f in report.failures)
     assert report.freed_objects + report.failures_total == sum(report.reasons.values())
 
-    finish = await mark_and_sweep(backend, StoreBulkOps(backend), grace=0, now=now)
+    finish = await mark_and_sweep(backend, StoreBulkOps(backend), grace=0, now=now, allow_short_grace=True)
     assert finish.ok
     assert finish.freed_objects > 0
     assert [m async for m in backend.list(model_chunks_prefix(model_id(specs[0])))] == []
     assert (await _load(url, opts, specs[2], long_prompt)).num_tokens == len(long_prompt)
     await backend.close()
+
+
+@pytest.mark.parametrize("grace", [0, 30, 60])
+async def test_a_grace_within_the_retirement_check_interval_is_refused(tmp_path: Path, grace: float) -> None:
+    """A writer trusts a live check for 60 s: a shorter grace could delete what it still saves."""
+    url = str(tmp_path / "kv")
+    spec = kvstore.ModelSpec("g", "v1", 2, 2, 8, torch.float16)
+    kv = [(torch.zeros(len(PROMPT), 2, 8, dtype=torch.float16),) * 2] * 2
+    await _save(url, None, spec, PROMPT, kv)
+    async with kvstore.open(url) as store:
+        await store.retire("g", "v1")
+    before = await snapshot(url, None)
+    far_ahead = time.time() + 7200  # every object is garbage older than any grace tried here
+    for run in (
+        kvstore.gc.run_gc(url, grace=grace),
+        run_gc_at(url, None, grace=grace, now=far_ahead, allow_short_grace=False),
+    ):
+        with pytest.raises(kvstore.InvalidInputError, match="allow_short_grace=True"):
+            await run
+    assert await snapshot(url, None) == before  # refused before anything was deleted
+    allowed = await run_gc_at(url, None, grace=grace, now=far_ahead, allow_short_grace=True)
+    assert allowed.freed_objects > 0
+    assert (await run_gc_at(url, None, grace=61, now=far_ahead, allow_short_grace=False)).ok

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 
 import kvstore
-from kvstore.formats.hf import cache_from_kv, cache_layers, kv_from_cache
+from kvstore.formats.hf import LayerFeedTimeout, cache_from_kv, cache_layers, kv_from_cache, streaming_cache
+from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import DATA_NAME, chunk_prefix, data_path
+from kvstore.formats.shard import parse_head
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,21 +149,38 @@ async def test_write_back_saves_in_the_background_and_the_next_turn_hits() -> No
     assert second.tokens == ref.tokens
 
 
-def _fail_layer_reads(store: kvstore.KVStore, layer: int, error: Exception) -> None:
-    """Make every read of ``layer``'s objects raise ``error`` (the other layers read normally)."""
+def _before_reads(store: kvstore.KVStore, before: Callable[[str, int], Awaitable[None]]) -> None:
+    """Run ``before(key, start)`` ahead of every read of the store's backend (``start``: its first byte).
+
+    It may wait or raise. A load that streams layers reads each chunk's data
+    object in two ranges: layer 0 (with the header) from byte 0, the rest after it.
+    """
     backend: Any = store._backend
-    marker = f"/c.{layer}."
+    get, get_range, get_range_into = backend.get, backend.get_range, backend.get_range_into
 
-    def failing(read: Any) -> Any:
-        async def wrapped(key: str, *args: Any, **kwargs: Any) -> Any:
-            if marker in key:
-                raise error
-            return await read(key, *args, **kwargs)
+    async def whole(key: str) -> bytes:
+        await before(key, 0)
+        return cast(bytes, await get(key))
 
-        return wrapped
+    async def ranged(key: str, start: int, end: int) -> bytes:
+        await before(key, start)
+        return cast(bytes, await get_range(key, start, end))
 
-    backend.get = failing(backend.get)
-    backend.get_into = failing(backend.get_into)
+    async def into(key: str, start: int, buffers: Any, *, then: Any = None) -> int:
+        await before(key, start)
+        return cast(int, await get_range_into(key, start, buffers, then=then))
+
+    backend.get, backend.get_range, backend.get_range_into = whole, ranged, into
+
+
+def _fail_later_layer_reads(store: kvstore.KVStore, error: Exception) -> None:
+    """Make every read of a chunk's layers after layer 0 raise ``error`` (layer 0 reads normally)."""
+
+    async def fail(key: str, start: int) -> None:
+        if key.endswith(DATA_NAME) and start > 0:
+            raise error
+
+    _before_reads(store, fail)
 
 
 async def _saved_store(url: str, model: Any, spec: kvstore.ModelSpec, prompt: list[int]) -> kvstore.KVStore:
@@ -185,18 +207,87 @@ async def test_a_streamed_hit_equals_the_whole_load_and_a_recompute() -> None:
     assert [layer.keys.shape[2] for layer in streamed.cache.layers] == [len(prompt)] * 3
 
 
-async def test_damage_found_mid_stream_reruns_over_the_shorter_prefix() -> None:
+def _data_object(spec: kvstore.ModelSpec, prompt: list[int], chunk: int) -> str:
+    """The stored path of ``chunk``'s data object (chunks of 8 tokens)."""
+    key = chunk_keys(spec, normalize_tokens(prompt), 8)[chunk]
+    return data_path(chunk_prefix(model_id(spec), key.digest))
+
+
+async def _damage_layer(store: kvstore.KVStore, path: str, num_layers: int, layer: int) -> None:
+    """Flip a byte of ``layer``'s stored bytes in the data object at ``path``: its checksum finds it."""
+    backend: Any = store._backend
+    data = bytearray(await backend.get(path))
+    span = parse_head(data, num_layers, len(data)).spans[layer]
+    data[span.offset + span.nbytes // 2] ^= 0xFF
+    await backend.put(path, bytes(data))
+
+
+def _gate_later_layers(store: kvstore.KVStore, path: str, gate: asyncio.Event) -> None:
+    """Hold every read of the layers after layer 0 in the data object at ``path`` until ``gate`` is set."""
+
+    async def wait(key: str, start: int) -> None:
+        if key == path and start > 0:
+            await gate.wait()
+
+    _before_reads(store, wait)
+
+
+@pytest.mark.parametrize(("chunk", "expected"), [(0, 0), (2, 16)])
+async def test_damage_found_after_layer_0_was_handed_to_the_model(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, expected: int
+) -> None:
+    """Layer 0 reaches the running forward, then the read of ``chunk``'s later layers finds layer 2 damaged.
+
+    Damage of chunk 0 ends the stream early (nothing usable): every layer the
+    forward still waits for must be failed, or it waits forever. Damage of a later
+    chunk cuts the hit: the prompt reruns over the shorter prefix.
+    """
     model = _models.build("qwen2")
     spec = kvstore.ModelSpec.from_pretrained_config(model.config, name="d", version="1")
     prompt = list(range(3, 43))
-    store = await _saved_store("memory://hf-damage", model, spec, prompt)
+    store = await _saved_store(f"memory://hf-damage-{chunk}", model, spec, prompt)
+    damaged = _data_object(spec, prompt, chunk)
+    await _damage_layer(store, damaged, spec.num_layers, 2)  # a flipped byte at rest in layer 2
+    gate, feeds = asyncio.Event(), []
+    streaming = kvstore.hf.streaming_cache
+
+    def spying(*args: Any, **kwargs: Any) -> Any:  # layer 0 handed to the forward opens the gate
+        made = streaming(*args, **kwargs)
+        assert made is not None
+        feeds.extend(made[1])
+        put = made[1][0].put
+
+        def put_and_open(k: torch.Tensor, v: torch.Tensor) -> None:
+            put(k, v)
+            gate.set()
+
+        made[1][0].put = put_and_open
+        return made
+
+    monkeypatch.setattr(kvstore.hf, "streaming_cache", spying)
+    _gate_later_layers(store, damaged, gate)
     async with store:
-        _fail_layer_reads(store, 2, kvstore.IntegrityError("flipped bits"))  # found after layers 0 and 1 ran
-        out = await kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0)
-        assert out.cached_tokens == 0  # every chunk's layer 2 is damaged: nothing is usable
-        assert out.cache_error is None
+        try:
+            out = await asyncio.wait_for(kvstore.hf.prefill(store, spec, model, prompt, min_cached_tokens=0), 20)
+        finally:
+            for feed in feeds:  # a hung forward thread (the defect) is released, so the test fails, not hangs
+                feed.fail(RuntimeError("test over"))
+    assert gate.is_set()
+    assert (out.cached_tokens, out.cache_error) == (expected, None)
+    assert store.stats().chunks_damaged == 1
     full = await kvstore.hf.prefill(None, spec, model, prompt)
-    assert torch.equal(out.logits, full.logits)
+    assert (out.logits - full.logits).abs().max() <= 1e-4
+
+
+async def test_a_forward_never_waits_for_a_layer_without_bound() -> None:
+    """A producer that stalls without failing its feeds costs the forward its timeout, not forever."""
+    model = _models.build("llama")
+    made = streaming_cache(4, 3, config=model.config, timeout=0.2)
+    assert made is not None
+    cache, feeds = made
+    feeds[0].put(torch.zeros(4, 2, 16), torch.zeros(4, 2, 16))  # layer 1 never comes
+    with pytest.raises(LayerFeedTimeout):
+        await asyncio.wait_for(asyncio.to_thread(kvstore.hf._run, model, torch.tensor([5, 6]), cache), 20)
 
 
 async def test_a_store_failing_mid_stream_degrades_to_a_full_prefill(caplog: pytest.LogCaptureFixture) -> None:
@@ -205,7 +296,7 @@ async def test_a_store_failing_mid_stream_degrades_to_a_full_prefill(caplog: pyt
     prompt = list(range(3, 23))
     store = await _saved_store("memory://hf-down", model, spec, prompt)
     async with store:
-        _fail_layer_reads(store, 1, kvstore.StoreUnavailableError("down"))
+        _fail_later_layer_reads(store, kvstore.StoreUnavailableError("down"))
         out = await kvstore.hf.generate(store, spec, model, prompt, 2, min_cached_tokens=0)
     assert (out.cached_tokens, out.computed_tokens, out.saved, out.cache_error) == (0, 20, None, "down")
     assert "unavailable" in caplog.text

@@ -109,7 +109,7 @@ async def test_sigkill_mid_save_loses_no_committed_prefix_and_gc_cleans_up(tmp_p
     await _check_all(url, indices, saved)
 
     # A GC without grace removes what the crashes left and keeps every committed prefix.
-    report = await kvgc.run_gc(url, grace=0)
+    report = await kvgc.run_gc(url, grace=0, allow_short_grace=True)
     assert report.ok
     await _check_all(url, indices, saved)
     backend = await open_object_store(url)
@@ -128,7 +128,7 @@ GC_RUNNER = textwrap.dedent(
     import asyncio, sys
     from kvstore import gc as kvgc
     print("start", flush=True)
-    asyncio.run(kvgc.run_gc(sys.argv[1], grace=0, concurrency=1))
+    asyncio.run(kvgc.run_gc(sys.argv[1], grace=0, allow_short_grace=True, concurrency=1))
     """
 )
 
@@ -160,8 +160,8 @@ async def test_sigkill_mid_gc_leaves_a_consistent_store_that_the_next_gc_finishe
         await backend.close()
 
     await _check_all(url, prompts, set(prompts))  # the live version is untouched, whatever was swept
-    report = await kvgc.run_gc(url, grace=0)
+    report = await kvgc.run_gc(url, grace=0, allow_short_grace=True)
     assert report.ok
-    again = await kvgc.run_gc(url, grace=0, dry_run=True)
+    again = await kvgc.run_gc(url, grace=0, allow_short_grace=True, dry_run=True)
     assert again.freed_objects == 0
     await _check_all(url, prompts, set(prompts))
