@@ -243,7 +243,9 @@ class ResilientObjectStore(ObjectStore):
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:
-        return await self._request(key, lambda: self.inner.get_planned(key, head, plan, then=then))
+        if not self.inner.reads_into_buffers:  # the base get_planned: a get_range and a get_range_into, each retried
+            return await super().get_planned(key, head, plan, then=then)
+        return await self._request(key, lambda: self.inner.get_planned(key, head, plan, then=then), on_buffers=True)
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         if not self.inner.reads_into_buffers:  # the base put_parts: it joins the parts before any request

@@ -164,3 +164,21 @@ async def test_the_caller_can_still_cancel_a_read_waited_for_past_its_timeout() 
     with pytest.raises(asyncio.CancelledError):
         await read
     await _finish(backend)
+
+
+@pytest.mark.parametrize("reads_into_buffers", [True, False])
+async def test_no_thread_writes_into_the_callers_buffers_after_a_planned_read_returns(
+    reads_into_buffers: bool,
+) -> None:
+    """``get_planned`` (a chunk's head, then its layers into the caller's buffers) is held to the same rule."""
+    backend = StallingStore(reads_into_buffers=reads_into_buffers)
+    store = ResilientObjectStore(backend, POLICY)
+    dest = bytearray(len(DATA) - 16)
+    release = asyncio.ensure_future(_release_later(backend))
+    _, filled = await store.get_planned("k", 16, lambda first: (16, [memoryview(dest)]))
+    assert (filled, bytes(dest)) == (len(dest), DATA[16:])
+    assert store.stats.timeouts == 1
+    dest[:] = REUSED * len(dest)
+    await release
+    await _finish(backend)
+    assert bytes(dest) == REUSED * len(dest)
