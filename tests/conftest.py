@@ -22,7 +22,9 @@ import torch
 
 import kvstore
 from kvstore.storage import ObjectMeta, ObjectStore
+from kvstore.testing.rgw import RadosGateway, missing_programs
 from kvstore.testing.s3servers import S3Server, start_s3_server
+from kvstore.testing.s3servers import rgw_server as rgw_server_info
 
 S3_SERVERS = ("moto", "rgw")
 """The S3 servers every S3 test runs against: moto (a Python mock) and Ceph's RADOS Gateway (a real one)."""
@@ -91,14 +93,12 @@ def moto_server(_aws_env: None) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def rgw_server(_aws_env: None) -> Iterator[S3Server]:
+def rgw_gateway(_aws_env: None) -> Iterator[RadosGateway]:
     """A single-node Ceph RADOS Gateway on 127.0.0.1 (HTTP and HTTPS), started on first use, for the whole run.
 
     Without Ceph installed the RGW tests fail in CI (``CI`` set) and are skipped
     elsewhere; ``KVSTORE_TEST_RGW=skip`` skips them explicitly.
     """
-    from kvstore.testing.rgw import missing_programs
-
     if os.environ.get(_RGW_OPT_OUT) == "skip":
         pytest.skip(f"{_RGW_OPT_OUT}=skip")
     missing = missing_programs()
@@ -107,8 +107,14 @@ def rgw_server(_aws_env: None) -> Iterator[S3Server]:
         if os.environ.get("CI"):
             pytest.fail(message + f" (or set {_RGW_OPT_OUT}=skip)")
         pytest.skip(message)
-    with start_s3_server("rgw") as server:
-        yield server
+    with RadosGateway() as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="session")
+def rgw_server(rgw_gateway: RadosGateway) -> S3Server:
+    """How to reach the session's RGW as its first S3 user."""
+    return rgw_server_info(rgw_gateway)
 
 
 @pytest.fixture(params=S3_SERVERS)

@@ -19,11 +19,11 @@ from types import TracebackType
 from typing import Any
 
 from kvstore._tasks import task_group
-from kvstore.errors import InvalidInputError
+from kvstore.errors import InvalidInputError, StorageError, StorePermissionError
 from kvstore.storage.base import ObjectMeta
 from kvstore.storage.resilient import RetryPolicy
 from kvstore.storage.s3_settings import botocore_config_kwargs
-from kvstore.storage.translation import is_io_error, translate_error, translate_errors
+from kvstore.storage.translation import translate_error, translate_errors
 
 __all__ = ["MAX_DELETE_BATCH", "DeleteFailure", "S3BatchClient"]
 
@@ -149,12 +149,39 @@ class S3BatchClient:
         try:
             resp = await self._client.delete_objects(Bucket=self.bucket, Delete=request)
         except Exception as exc:
-            if not is_io_error(exc):
-                raise
-            error = translate_error(exc, url=self.url, key=keys[0], operation="delete")
+            error = self._translated(exc, keys[0])
+            if isinstance(error, StorePermissionError):
+                # Ceph RGW (16) authorizes DeleteObjects for the bucket as a whole: credentials confined to a
+                # prefix by a bucket policy are refused the batch, though each of their keys may be deleted.
+                return await self._delete_one_by_one(keys)
             return [DeleteFailure(k, str(error)) for k in keys]
         cut = len(self.root)
         return [
             DeleteFailure(e.get("Key", "")[cut:], f"{e.get('Code', 'Error')}: {e.get('Message', '')}".strip())
             for e in resp.get("Errors", ())
         ]
+
+    async def _delete_one_by_one(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        """DeleteObject per key, a few at a time: each key is authorized (and reported) on its own."""
+        limit = asyncio.Semaphore(self.max_in_flight)
+        failures: list[DeleteFailure] = []
+
+        async def one(key: str) -> None:
+            async with limit:
+                try:
+                    await self._client.delete_object(Bucket=self.bucket, Key=self.root + key)
+                except Exception as exc:
+                    error = self._translated(exc, key)
+                    failures.append(DeleteFailure(key, f"{error.code or type(exc).__name__}: {error}"))
+
+        async with task_group() as tg:
+            for key in keys:
+                tg.create_task(one(key))
+        return sorted(failures, key=lambda f: f.key)
+
+    def _translated(self, exc: Exception, key: str) -> StorageError:
+        """kvstore's error for a failed delete request; anything but an I/O or service error propagates."""
+        error = translate_error(exc, url=self.url, key=key, operation="delete")
+        if error is None:
+            raise exc
+        return error

@@ -270,9 +270,13 @@ class RadosGateway:
 
         self._spawn("rgw", "radosgw", "-f", "-n", "client.rgw.a")
         self._wait_for(self._http_answers, "rgw", "the gateway answers HTTP")
+        self.create_user("kvstore", self.access_key, self.secret_key)
+
+    def create_user(self, uid: str, access_key: str, secret_key: str) -> None:
+        """Another S3 user (``arn:aws:iam:::user/<uid>`` in bucket policies) with these keys."""
         self._admin(
-            "radosgw-admin", "-n", "client.rgw.a", "user", "create", "--uid", "kvstore", "--display-name", "kvstore",
-            "--access-key", self.access_key, "--secret", self.secret_key,
+            "radosgw-admin", "-n", "client.rgw.a", "user", "create", "--uid", uid, "--display-name", uid,
+            "--access-key", access_key, "--secret", secret_key,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ helpers

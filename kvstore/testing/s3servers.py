@@ -15,9 +15,12 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SERVER_NAMES", "S3Server", "start_s3_server"]
+if TYPE_CHECKING:
+    from kvstore.testing.rgw import RadosGateway
+
+__all__ = ["SERVER_NAMES", "S3Server", "rgw_server", "start_s3_server"]
 
 SERVER_NAMES = ("moto", "rgw")
 
@@ -72,12 +75,16 @@ def start_s3_server(name: str) -> Iterator[S3Server]:
         from kvstore.testing.rgw import RadosGateway
 
         with RadosGateway() as rgw:
-            yield S3Server(
-                "rgw", rgw.endpoint, rgw.access_key, rgw.secret_key, https_endpoint=rgw.https_endpoint,
-                ca_file=rgw.ca_file,
-            )  # fmt: skip
+            yield rgw_server(rgw)
     else:
         raise ValueError(f"unknown S3 server {name!r}: one of {', '.join(SERVER_NAMES)}")
+
+
+def rgw_server(rgw: RadosGateway) -> S3Server:
+    """How to reach a started ``RadosGateway`` as its first S3 user."""
+    return S3Server(
+        "rgw", rgw.endpoint, rgw.access_key, rgw.secret_key, https_endpoint=rgw.https_endpoint, ca_file=rgw.ca_file
+    )
 
 
 @contextlib.contextmanager
