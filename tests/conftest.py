@@ -180,7 +180,7 @@ def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> I
         with _fresh_bucket(request.getfixturevalue(f"{backend}_server")) as where:
             yield where
     else:  # pragma: no cover - guards BACKENDS
-        raise AssertionError(backend)
+        raise AssertionError(f"unknown backend {backend!r}: one of {BACKENDS} (S3 is 'moto' or 'rgw')")
 
 
 # ---------------------------------------------------------------------- specs and KV tensors
