@@ -1,7 +1,8 @@
-"""GC throughput and memory: a local store of >= 100,000 chunk objects, and a smaller one on moto S3.
+"""GC throughput and memory: a local store of >= 100,000 chunk objects, and a smaller one on S3.
 
     python benchmarks/bench_gc.py                     # local (~120k objects) and moto (~6k objects)
-    python benchmarks/bench_gc.py --chunks 50000 --skip-moto
+    python benchmarks/bench_gc.py --server rgw        # S3 on Ceph's RADOS Gateway instead of moto
+    python benchmarks/bench_gc.py --chunks 50000 --skip-s3
 
 Objects are written straight in the on-store layout (not through save_prefix,
 which would spend the time encoding tensors): valid root, model, retirement and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import random
 import resource
@@ -33,6 +33,7 @@ from typing import Any
 
 import blake3
 import torch
+from _s3servers import add_server_option, fresh_store, s3_server
 
 import kvstore
 from kvstore.formats.keys import key_root, model_id
@@ -182,57 +183,42 @@ def bench_local(num_chunks: int, layers: int, keep: bool) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_moto(num_chunks: int, layers: int) -> None:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        os.environ.setdefault(name, value)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="bench")
+def bench_s3(server_name: str, num_chunks: int, layers: int) -> None:
+    with s3_server(server_name) as server:
+        url, options = fresh_store(server, "gc")
+        bucket, _, root = url.removeprefix("s3://").partition("/")
+        client = server.client()
         objects = store_objects(num_chunks, layers, seed=1)
         t = time.perf_counter()
         put: Callable[[tuple[str, bytes]], Any] = lambda item: client.put_object(  # noqa: E731
-            Bucket="bench", Key=f"kv/{item[0]}", Body=item[1]
+            Bucket=bucket, Key=f"{root}/{item[0]}", Body=item[1]
         )
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(put, objects))
-        print(f"moto store: {len(objects):,} objects written in {time.perf_counter() - t:.1f} s")
+        print(f"{server.name} store: {len(objects):,} objects written in {time.perf_counter() - t:.1f} s")
         time.sleep(1.5)
-        options = {"endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
-        # Objects are seconds old on moto: use a zero grace by running with dry_run off and grace 0.
+        # Objects are seconds old here: use a zero grace by running with dry_run off and grace 0.
         timer = PhaseTimer()
         t = time.perf_counter()
         report = asyncio.run(
-            run_gc("s3://bench/kv", storage_options=options, grace=0, allow_short_grace=True, progress=timer)
+            run_gc(url, storage_options=options, grace=0, allow_short_grace=True, progress=timer)
         )
-        report_line("moto gc", report, timer, time.perf_counter() - t)
+        report_line(f"s3 ({server.name}) gc", report, timer, time.perf_counter() - t)
         assert report.ok
-    finally:
-        server.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=30_000, help="chunk directories in the local store")
     parser.add_argument("--layers", type=int, default=2, help="layer objects per chunk")
-    parser.add_argument("--moto-chunks", type=int, default=1_500)
-    parser.add_argument("--skip-moto", action="store_true")
+    parser.add_argument("--s3-chunks", type=int, default=1_500, help="chunk directories in the S3 store")
+    parser.add_argument("--skip-s3", action="store_true")
+    add_server_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the local store directory")
     args = parser.parse_args()
     bench_local(args.chunks, args.layers, args.keep)
-    if not args.skip_moto:
-        bench_moto(args.moto_chunks, args.layers)
+    if not args.skip_s3:
+        bench_s3(args.server, args.s3_chunks, args.layers)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Time-to-first-token of a transformers model: full prefill vs a kvstore cache hit.
 
     python benchmarks/bench_ttft.py                      # 1K to 16K tokens; memory, local, s3 (moto)
+    python benchmarks/bench_ttft.py --server rgw         # s3 on Ceph RGW instead of moto
     python benchmarks/bench_ttft.py --quick              # a small model and short prompts: checks it works
     python benchmarks/bench_ttft.py --preset small-317m --lengths 8192 --backends local --out ttft-out
 
@@ -14,8 +15,9 @@ bytes stay, the prefill avoided gets cheaper).
 For each context length one prompt is prefilled in full (the "no cache" TTFT,
 which also yields the KV), saved to each store, then served from it: lookup + load of
 all but the last token + a one-token forward (``kvstore.hf.prefill``). s3:// runs
-against a moto server on 127.0.0.1 (port 0), so it measures the protocol and the
-library, not a network.
+against a server on 127.0.0.1 (port 0): moto, or Ceph's RADOS Gateway with
+``--server rgw``, named in the tables' column ("s3 (moto)"); it measures the
+protocol, the library and the server, not a network.
 
 The hit's next-token logits are compared with the full prefill's and with the last
 token computed alone over the in-memory KV ("diff vs split": 0 when the store returns
@@ -35,7 +37,6 @@ import argparse
 import asyncio
 import csv
 import itertools
-import logging
 import os
 import statistics
 import sys
@@ -49,12 +50,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _s3servers import S3Server, add_server_option, fresh_store, s3_server
 
 import kvstore
 import kvstore.hf
 from kvstore.formats.hf import cache_from_kv, kv_from_cache
-
-MODES = ("no cache", "memory", "local", "s3")
 
 PRESETS: dict[str, dict[str, int]] = {
     # The shape of Llama 3.2 1B (a small production model): 16 layers, hidden 2048, GQA 32/8 heads of 64,
@@ -92,26 +92,6 @@ def build_model(args: argparse.Namespace) -> Any:
     return model
 
 
-@contextmanager
-def moto_server() -> Iterator[tuple[str, dict[str, Any]]]:
-    """A moto S3 server on 127.0.0.1 with a fresh bucket: the store URL and storage options."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        bucket = f"ttft-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-        yield f"s3://{bucket}/kv", {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    finally:
-        server.stop()
-
-
 def _split_logits(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], prompt: torch.Tensor) -> torch.Tensor:
     """Logits of the last token over the in-memory KV of the others: what an exact store must reproduce.
 
@@ -138,7 +118,7 @@ async def measure(
 ) -> dict[str, Any]:
     """Median TTFT (s) per mode for one prompt of ``n`` tokens, and the largest logit differences."""
     prompt = torch.randint(3, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in ("no cache", *stores)}
     ref = None
     for _ in range(prefill_reps):
         ref = await kvstore.hf.prefill(None, spec, model, prompt)
@@ -239,7 +219,7 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(title, flush=True)
     await kvstore.hf.prefill(None, spec, model, list(range(3, 67)))  # warm-up
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, _maybe_moto("s3" in args.backends) as s3:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, _maybe_s3("s3" in args.backends, args.server) as s3:
         opened: dict[str, kvstore.KVStore] = {}
         for name in args.backends:
             if name == "memory":
@@ -247,7 +227,8 @@ async def run(args: argparse.Namespace) -> None:
             elif name == "local":
                 opened[name] = await kvstore.open(Path(tmp) / "store")
             elif name == "s3" and s3 is not None:
-                opened[name] = await kvstore.open(s3[0], storage_options=s3[1])
+                url, options = fresh_store(s3, "ttft")
+                opened[f"s3 ({s3.name})"] = await kvstore.open(url, storage_options=options)
         try:
             modes = ["no cache", *opened]
             rows = []
@@ -279,18 +260,19 @@ async def run(args: argparse.Namespace) -> None:
 
 
 @contextmanager
-def _maybe_moto(wanted: bool) -> Iterator[tuple[str, dict[str, Any]] | None]:
+def _maybe_s3(wanted: bool, name: str) -> Iterator[S3Server | None]:
     if not wanted:
         yield None
         return
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        print("moto is not installed: skipping s3 (pip install 'kvstore[bench]')", file=sys.stderr)
-        yield None
-        return
-    with moto_server() as s3:
-        yield s3
+    if name == "moto":
+        try:
+            import moto.server  # noqa: F401
+        except ImportError:
+            print("moto is not installed: skipping s3 (pip install 'kvstore[bench]')", file=sys.stderr)
+            yield None
+            return
+    with s3_server(name) as server:
+        yield server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -299,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--short-lengths", type=ints, default=[8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--backends", type=lambda s: s.split(","), default=["memory", "local", "s3"])
+    add_server_option(p)
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),

@@ -1,19 +1,23 @@
 """kvstore's exception tree: every error the library raises is one of these.
 
     KVStoreError
-    ├── InvalidInputError        bad arguments; raised before anything is written (also a ValueError)
-    ├── StoreConfigError         the store was created with other settings (e.g. chunk_tokens)
-    ├── FormatVersionError       the store or a record uses a format version this library cannot read
-    ├── IntegrityError           stored data is damaged: checksum, size, structure or metadata
-    ├── ObjectNotFoundError      the storage boundary found no object at a key (also a KeyError)
-    ├── ModelRetiredError        a save under a model version that was retired (``store.retire``)
-    ├── WriteBackError           background saves (``save_prefix(wait=False)``) failed; from flush()/close()
-    └── StoreUnavailableError    the backend cannot be reached or refused the request
-        ├── StorePermissionError the backend denied access to a key
-        └── CircuitOpenError     skipped at once: the backend failed repeatedly and is cooling down
+    ├── InvalidInputError                 bad arguments; raised before anything is written (also a ValueError)
+    ├── StoreConfigError                  the store was created with other settings (e.g. chunk_tokens)
+    ├── FormatVersionError                the store or a record uses a format version this library cannot read
+    ├── IntegrityError                    stored data is damaged: checksum, size, structure or metadata
+    ├── ModelRetiredError                 a save under a model version that was retired (``store.retire``)
+    ├── WriteBackError                    background saves (``save_prefix(wait=False)``) failed; from flush()/close()
+    └── StorageError                      a storage request failed (attributes: url, operation, key, status, code)
+        ├── ObjectNotFoundError           no object at the key (also a KeyError)
+        └── StoreUnavailableError         the backend cannot be reached or refused the request
+            ├── StorePermissionError      the backend denied access (credentials, policy)
+            └── CircuitOpenError          skipped at once: the backend failed repeatedly and is cooling down
 
-Backend exceptions (OSError, botocore errors, ...) are translated at the storage
-boundary with ``raise ... from exc`` so callers only ever catch this tree.
+Backend I/O and service errors (OSError, timeouts, botocore and aiohttp errors) are
+translated at the storage boundary with ``raise ... from exc`` so callers only ever
+catch this tree; a ``StorageError`` says which request failed and, for HTTP
+backends, the server's status, error code and message. Anything else (a
+``TypeError`` from a bug) is not translated: it propagates as itself.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "KVStoreError",
     "ModelRetiredError",
     "ObjectNotFoundError",
+    "StorageError",
     "StoreConfigError",
     "StorePermissionError",
     "StoreUnavailableError",
@@ -53,18 +58,53 @@ class IntegrityError(KVStoreError):
     """Stored data failed verification (checksum, size, structure or metadata)."""
 
 
-class ObjectNotFoundError(KVStoreError, KeyError):
+class ModelRetiredError(KVStoreError):
+    """The model version was retired: its chunks are garbage and no new ones may be saved."""
+
+
+class StorageError(KVStoreError):
+    """A request at the storage boundary failed; the attributes say which, and what the backend answered.
+
+    ``url`` is the store, ``operation`` the request (``get``, ``put``, ``head``,
+    ``list``, ``delete``, ...), ``key`` the object (relative to the store); for
+    HTTP backends ``status`` is the HTTP status and ``code`` / ``server_message``
+    the server's error code and message. Any of them is None when unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        operation: str | None = None,
+        key: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+        server_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.operation = operation
+        self.key = key
+        self.status = status
+        self.code = code
+        self.server_message = server_message
+
+    def add_context(self, *, url: str | None, operation: str | None, key: str | None) -> None:
+        """Fill in the request's context where the raiser did not know it (an inner layer raised it)."""
+        self.url = self.url if self.url is not None else url
+        self.operation = self.operation if self.operation is not None else operation
+        self.key = self.key if self.key is not None else key
+
+
+class ObjectNotFoundError(StorageError, KeyError):
     """No object exists at the requested key."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "object not found"
 
 
-class ModelRetiredError(KVStoreError):
-    """The model version was retired: its chunks are garbage and no new ones may be saved."""
-
-
-class StoreUnavailableError(KVStoreError):
+class StoreUnavailableError(StorageError):
     """The storage backend could not be reached or failed the request."""
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the three storage backends (memory, local directory, S3 on a moto server) and KV helpers.
+"""Shared fixtures: the storage backends (memory, local directory, S3 on moto and on Ceph RGW) and KV helpers.
 
 Stores are opened inside each test, never in a fixture: an s3fs filesystem is
 bound to the event loop that created it, and async fixtures run in the session
@@ -8,7 +8,7 @@ loop while tests run in their own.
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import os
 import uuid
 from collections import Counter
@@ -22,8 +22,13 @@ import torch
 
 import kvstore
 from kvstore.storage import ObjectMeta, ObjectStore
+from kvstore.testing.rgw import RadosGateway, missing_programs
+from kvstore.testing.s3servers import S3Server, start_s3_server
+from kvstore.testing.s3servers import rgw_server as rgw_server_info
 
-BACKENDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
+S3_SERVERS = ("moto", "rgw")
+"""The S3 servers every S3 test runs against: moto (a Python mock) and Ceph's RADOS Gateway (a real one)."""
+BACKENDS = ["memory", "local", *S3_SERVERS]
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -32,8 +37,10 @@ _AWS_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-# Settings from the developer's machine must not reach the moto server (or a real account).
+# Settings from the developer's machine must not reach the test servers (or a real account).
 _AWS_ENV_CLEARED = ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL")
+_RGW_OPT_OUT = "KVSTORE_TEST_RGW"
+"""Set to ``skip`` to skip the RGW tests; otherwise they need Ceph (and fail in CI without it)."""
 
 
 class StoreURL(NamedTuple):
@@ -43,31 +50,33 @@ class StoreURL(NamedTuple):
     storage_options: dict[str, Any] | None
 
 
-# ---------------------------------------------------------------------- S3 (moto)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs against an S3 server ``s3`` and with the server's name (``moto`` / ``rgw``)."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is None:
+            continue
+        for name in ("backend", "s3_server"):
+            server = params.params.get(name)
+            if server in S3_SERVERS:
+                item.add_marker(pytest.mark.s3)
+                item.add_marker(getattr(pytest.mark, server))
+
+
+# ---------------------------------------------------------------------- S3 servers (moto, Ceph RGW)
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real moto S3 server over HTTP on 127.0.0.1, on a free port, for the whole run."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+def _aws_env() -> Iterator[None]:
+    """The test credentials in the environment (both servers accept them), the developer's settings out."""
     pytest.importorskip("s3fs", reason="s3fs is not installed")
-    from moto.server import ThreadedMotoServer
-
     saved = {name: os.environ.get(name) for name in (*_AWS_ENV, *_AWS_ENV_CLEARED)}
     os.environ.update(_AWS_ENV)
     for name in _AWS_ENV_CLEARED:
         os.environ.pop(name, None)
-    werkzeug_log = logging.getLogger("werkzeug")  # one INFO line per request otherwise
-    saved_level = werkzeug_log.level
-    werkzeug_log.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     try:
-        yield f"http://{host}:{port}"
+        yield
     finally:
-        server.stop()
-        werkzeug_log.setLevel(saved_level)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -75,28 +84,60 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[name] = value
 
 
-@pytest.fixture
-def s3_store_url(s3_endpoint: str) -> Iterator[StoreURL]:
-    """A fresh bucket on the moto server, and the URL and options of a store inside it."""
-    import boto3
+@pytest.fixture(scope="session")
+def moto_server(_aws_env: None) -> Iterator[S3Server]:
+    """A moto S3 server over HTTP on 127.0.0.1, on a free port, for the whole run."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with start_s3_server("moto") as server:
+        yield server
 
+
+@pytest.fixture(scope="session")
+def rgw_gateway(_aws_env: None) -> Iterator[RadosGateway]:
+    """A single-node Ceph RADOS Gateway on 127.0.0.1 (HTTP and HTTPS), started on first use, for the whole run.
+
+    Without Ceph installed the RGW tests fail in CI (``CI`` set) and are skipped
+    elsewhere; ``KVSTORE_TEST_RGW=skip`` skips them explicitly.
+    """
+    if os.environ.get(_RGW_OPT_OUT) == "skip":
+        pytest.skip(f"{_RGW_OPT_OUT}=skip")
+    missing = missing_programs()
+    if missing:
+        message = f"Ceph RGW tests need {', '.join(missing)}: apt-get install radosgw ceph-mon ceph-osd"
+        if os.environ.get("CI"):
+            pytest.fail(message + f" (or set {_RGW_OPT_OUT}=skip)")
+        pytest.skip(message)
+    with RadosGateway() as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="session")
+def rgw_server(rgw_gateway: RadosGateway) -> S3Server:
+    """How to reach the session's RGW as its first S3 user."""
+    return rgw_server_info(rgw_gateway)
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 server in turn (moto, then RGW); each starts once per run, on first use."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_server")
+    return server
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: S3Server) -> str:
+    """The plain-HTTP endpoint of the S3 server under test."""
+    return s3_server.endpoint
+
+
+@contextlib.contextmanager
+def _fresh_bucket(server: S3Server) -> Iterator[StoreURL]:
+    """A new bucket on ``server``, emptied and deleted afterwards, and the URL and options of a store in it."""
     bucket = f"kvtest-{uuid.uuid4().hex[:20]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = server.client()
     client.create_bucket(Bucket=bucket)
-    options = {
-        "endpoint_url": s3_endpoint,
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
     try:
-        yield StoreURL(f"s3://{bucket}/kv", options)
+        yield StoreURL(f"s3://{bucket}/kv", server.storage_options())
     finally:
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket):
@@ -107,12 +148,19 @@ def s3_store_url(s3_endpoint: str) -> Iterator[StoreURL]:
         client.close()
 
 
+@pytest.fixture
+def s3_store_url(s3_server: S3Server) -> Iterator[StoreURL]:
+    """A fresh bucket on the S3 server under test, and the URL and options of a store inside it."""
+    with _fresh_bucket(s3_server) as where:
+        yield where
+
+
 # ---------------------------------------------------------------------- every backend
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """The name of the storage backend under test: memory, local or s3."""
+    """The name of the storage backend under test: memory, local, moto or rgw (the last two: S3)."""
     name: str = request.param
     return name
 
@@ -128,10 +176,11 @@ def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> I
             fs.rm(root, recursive=True)
     elif backend == "local":
         yield StoreURL(str(tmp_path / "kv"), None)
-    elif backend == "s3":
-        yield request.getfixturevalue("s3_store_url")
+    elif backend in S3_SERVERS:
+        with _fresh_bucket(request.getfixturevalue(f"{backend}_server")) as where:
+            yield where
     else:  # pragma: no cover - guards BACKENDS
-        raise AssertionError(backend)
+        raise AssertionError(f"unknown backend {backend!r}: one of {BACKENDS} (S3 is 'moto' or 'rgw')")
 
 
 # ---------------------------------------------------------------------- specs and KV tensors

@@ -34,6 +34,7 @@ EXPECTED = {
     "ObjectNotFoundError",
     "PrefetchHandle",
     "SaveResult",
+    "StorageError",
     "StoreConfigError",
     "StoreOptions",
     "StorePermissionError",
@@ -60,12 +61,14 @@ def test_no_gc_at_top_level() -> None:
 
 def test_every_error_is_a_kvstore_error() -> None:
     errors = [getattr(kvstore, n) for n in kvstore.__all__ if n.endswith("Error")]
-    assert len(errors) == 11
+    assert len(errors) == 12
     for err in errors:
         assert issubclass(err, kvstore.KVStoreError)
     assert issubclass(kvstore.InvalidInputError, ValueError)
     assert issubclass(kvstore.StorePermissionError, kvstore.StoreUnavailableError)
     assert issubclass(kvstore.CircuitOpenError, kvstore.StoreUnavailableError)
+    for boundary_error in (kvstore.ObjectNotFoundError, kvstore.StoreUnavailableError):
+        assert issubclass(boundary_error, kvstore.StorageError)
 
 
 def test_import_kvstore_leaves_optional_parts_unimported() -> None:

@@ -1,23 +1,18 @@
 """The storage boundary: keys and bytes only, and nothing above it sees a backend error.
 
 Keys are '/'-separated paths relative to the store root. Implementations
-translate backend exceptions into kvstore's tree (see ``translate_errors``).
+translate backend I/O and service errors into kvstore's tree with
+``translate_errors`` (kvstore/storage/translation.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from kvstore.errors import (
-    KVStoreError,
-    ObjectNotFoundError,
-    StorePermissionError,
-    StoreUnavailableError,
-)
+from kvstore.storage.translation import translate_errors
 
 __all__ = ["ObjectMeta", "ObjectStore", "translate_errors"]
 
@@ -133,18 +128,3 @@ class ObjectStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook with a default
         """Release connections; the store is unusable afterwards."""
-
-
-@contextlib.contextmanager
-def translate_errors(url: str, key: str) -> Iterator[None]:
-    """Translate backend exceptions into kvstore's tree, keeping the original as the cause."""
-    try:
-        yield
-    except KVStoreError:
-        raise
-    except FileNotFoundError as exc:
-        raise ObjectNotFoundError(f"{url}: no object at {key!r}") from exc
-    except PermissionError as exc:
-        raise StorePermissionError(f"{url}: access denied to {key!r}: {exc}") from exc
-    except Exception as exc:  # any other backend failure: surface it as unavailability, never drop it
-        raise StoreUnavailableError(f"{url}: {type(exc).__name__} on {key!r}: {exc}") from exc

@@ -14,8 +14,12 @@ from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.memory import MemoryFile
 
-from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
+from kvstore.errors import InvalidInputError
+from kvstore.storage.base import ObjectMeta, ObjectStore
+from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs
+from kvstore.storage.translation import http_answer, translate_errors
 
 __all__ = ["FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
 
@@ -50,7 +54,7 @@ class FsspecObjectStore(ObjectStore):
         return await asyncio.to_thread(getattr(self.fs, name), *args, **kwargs)
 
     async def get(self, key: str) -> bytes:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get"):
             data = await self._call("cat_file", self._path(key))
         return bytes(data)
 
@@ -62,15 +66,16 @@ class FsspecObjectStore(ObjectStore):
         return bytes(data)
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        """Create-only writes are as atomic as the filesystem's ``mode="create"`` (fsspec >= 2024.12).
+
+        Subclasses for S3 and memory make them atomic for sure; another
+        filesystem may implement it as check-then-write.
+        """
         path = self._path(key)
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "put"):
             if not create_only:
                 await self._call("pipe_file", path, data)
                 return True
-            # Check first (cheap, and a guard where a server ignores conditional PUTs), then
-            # create atomically: S3 sends If-None-Match: *, other filesystems open with "xb".
-            if await self.head(key) is not None:
-                return False
             try:
                 await self._call("pipe_file", path, data, mode="create")
             except FileExistsError:
@@ -78,7 +83,7 @@ class FsspecObjectStore(ObjectStore):
         return True
 
     async def head(self, key: str) -> ObjectMeta | None:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "head"):
             try:
                 info = await self._call("info", self._path(key))
             except FileNotFoundError:
@@ -89,7 +94,7 @@ class FsspecObjectStore(ObjectStore):
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
-        with translate_errors(self.url, prefix):
+        with translate_errors(self.url, prefix, "list"):
             try:
                 found = await self._call("find", base, detail=True)
             except FileNotFoundError:
@@ -105,7 +110,7 @@ class FsspecObjectStore(ObjectStore):
         if not keys:
             return
         paths = [self._path(k) for k in keys]
-        with translate_errors(self.url, keys[0]):
+        with translate_errors(self.url, keys[0], "delete"):
             try:
                 await self._call("rm", paths)
             except FileNotFoundError:
@@ -121,11 +126,22 @@ class FsspecObjectStore(ObjectStore):
 
 
 class S3ObjectStore(FsspecObjectStore):
-    """s3fs with one request per HEAD: s3fs's ``info`` follows a 404 with a LIST (a directory probe)."""
+    """s3fs, with one request per HEAD and conditional create-only PUTs.
+
+    s3fs's ``info`` follows a 404 with a LIST (a directory probe), so HEAD calls
+    HeadObject itself. A create-only put is one PutObject with ``If-None-Match: *``:
+    the server decides atomically, and 412 Precondition Failed means the object is
+    there. (s3fs's own ``mode="create"`` reads 412 as "exists" only when the error
+    names the condition, which Ceph RGW's does not.)
+    """
+
+    def _bucket_key(self, key: str) -> tuple[str, str]:
+        bucket, _, object_key = self._path(key).partition("/")
+        return bucket, object_key
 
     async def head(self, key: str) -> ObjectMeta | None:
-        bucket, _, object_key = self._path(key).partition("/")
-        with translate_errors(self.url, key):
+        bucket, object_key = self._bucket_key(key)
+        with translate_errors(self.url, key, "head"):
             try:
                 resp = await self.fs._call_s3("head_object", Bucket=bucket, Key=object_key)
             except FileNotFoundError:
@@ -133,13 +149,30 @@ class S3ObjectStore(FsspecObjectStore):
         modified = resp.get("LastModified")
         return ObjectMeta(key, int(resp.get("ContentLength", 0)), modified.timestamp() if modified else None)
 
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        if not create_only:
+            return await super().put(key, data)
+        bucket, object_key = self._bucket_key(key)
+        with translate_errors(self.url, key, "put"):
+            try:
+                await self.fs._call_s3("put_object", Bucket=bucket, Key=object_key, Body=data, IfNoneMatch="*")
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                answer = http_answer(exc)
+                if answer is None or answer.status != 412:
+                    raise
+                return False
+        return True
+
 
 class MemoryObjectStore(FsspecObjectStore):
-    """``memory://`` with a HEAD that is one dict lookup.
+    """``memory://`` with a HEAD that is one dict lookup and atomic create-only puts.
 
     fsspec's ``MemoryFileSystem.info`` scans every stored path for a directory
     first, which makes a lookup O(objects in the process); an object is a file
-    in ``fs.store`` or nothing.
+    in ``fs.store`` or nothing. Its create mode checks, then writes (two threads
+    can both win); ``dict.setdefault`` decides in one step.
     """
 
     async def head(self, key: str) -> ObjectMeta | None:
@@ -148,6 +181,13 @@ class MemoryObjectStore(FsspecObjectStore):
             return None
         created = getattr(found, "created", None)
         return ObjectMeta(key, int(found.size), created.timestamp() if created is not None else None)
+
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
+        if not create_only:
+            return await super().put(key, data)
+        path = self._path(key)
+        candidate = MemoryFile(self.fs, path, data)
+        return self.fs.store.setdefault(path, candidate) is candidate
 
 
 _STORE_CLASSES: dict[str, type[FsspecObjectStore]] = {
@@ -158,18 +198,31 @@ _STORE_CLASSES: dict[str, type[FsspecObjectStore]] = {
 
 
 async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -> FsspecObjectStore:
-    """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache)."""
+    """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache).
+
+    For ``s3://`` the botocore client gets kvstore's defaults (see
+    ``kvstore.storage.s3_settings``): checksums only where required, and no
+    retries below kvstore's own.
+    """
     protocol, _, _ = url.partition("://")
     cls = fsspec.get_filesystem_class(protocol)
     options = dict(storage_options or {})
+    s3 = protocol in ("s3", "s3a")
     if getattr(cls, "async_impl", False):
         options.setdefault("asynchronous", True)
         options.setdefault("skip_instance_cache", True)
         options.setdefault("use_listings_cache", False)  # other writers change the store under us
-        if protocol in ("s3", "s3a"):
+        if s3:
             options.setdefault("max_concurrency", 1)  # s3fs otherwise HEADs before every GET
-    with translate_errors(url, ""):
+    if s3:
+        options["config_kwargs"] = botocore_config_kwargs(options.get("config_kwargs"))
+    try:
         fs = cls(**options)
+    except TypeError as exc:  # an option the filesystem does not take
+        raise InvalidInputError(f"cannot open {url!r} with these storage options: {exc}") from exc
+    if s3:
+        fs.retries = S3FS_RETRIES
+    with translate_errors(url, "", "open"):
         if getattr(fs, "async_impl", False) and hasattr(fs, "set_session"):
             await fs.set_session()
     root = cls._strip_protocol(url)

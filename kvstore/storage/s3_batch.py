@@ -4,7 +4,8 @@ s3fs deletes and lists through the same calls, but hides per-key delete errors
 and materializes whole listings; the GC needs a stream of objects and a report
 of every key S3 refused. Credentials and endpoint come from the same
 ``storage_options`` as s3fs (``key``, ``secret``, ``token``, ``endpoint_url``,
-``client_kwargs.region_name``), then from the environment as aws tools do
+``client_kwargs.region_name``, ``config_kwargs`` with the defaults of
+``kvstore.storage.s3_settings``), then from the environment as aws tools do
 (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, profiles).
 aioboto3 comes with the ``s3`` extra and is imported on first use.
 """
@@ -18,8 +19,11 @@ from types import TracebackType
 from typing import Any
 
 from kvstore._tasks import task_group
-from kvstore.errors import InvalidInputError
-from kvstore.storage.base import ObjectMeta, translate_errors
+from kvstore.errors import InvalidInputError, StorageError, StorePermissionError
+from kvstore.storage.base import ObjectMeta
+from kvstore.storage.resilient import RetryPolicy
+from kvstore.storage.s3_settings import botocore_config_kwargs
+from kvstore.storage.translation import translate_error, translate_errors
 
 __all__ = ["MAX_DELETE_BATCH", "DeleteFailure", "S3BatchClient"]
 
@@ -89,8 +93,11 @@ class S3BatchClient:
                 f"bulk S3 operations need aioboto3 ({exc}); install the 's3' extra: pip install 'kvstore[s3]'"
             ) from exc
         session_args, client_args = self._client_args()
-        config = Config(max_pool_connections=max(10, 2 * self.max_in_flight), retries={"mode": "standard"})
-        with translate_errors(self.url, ""):
+        # No RetryPolicy wraps these calls: botocore's standard retries are their one retry layer.
+        settings = botocore_config_kwargs(self._options.get("config_kwargs"), attempts=RetryPolicy().attempts)
+        settings.setdefault("max_pool_connections", max(10, 2 * self.max_in_flight))
+        config = Config(**settings)
+        with translate_errors(self.url, "", "open"):
             self._client_cm = aioboto3.Session(**session_args).client("s3", config=config, **client_args)
             self._client = await self._client_cm.__aenter__()
         return self
@@ -108,7 +115,7 @@ class S3BatchClient:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": 1000}
         cut = len(self.root)
         while True:
-            with translate_errors(self.url, prefix):
+            with translate_errors(self.url, prefix, "list"):
                 page = await self._client.list_objects_v2(**kwargs)
             for obj in page.get("Contents", ()):
                 modified = obj.get("LastModified")
@@ -138,15 +145,43 @@ class S3BatchClient:
         return failures
 
     async def _delete_batch(self, keys: Sequence[str]) -> list[DeleteFailure]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         request = {"Objects": [{"Key": self.root + k} for k in keys], "Quiet": True}
         try:
             resp = await self._client.delete_objects(Bucket=self.bucket, Delete=request)
-        except (BotoCoreError, ClientError, OSError) as exc:
-            return [DeleteFailure(k, f"{type(exc).__name__}: {exc}") for k in keys]
+        except Exception as exc:
+            error = self._translated(exc, keys[0])
+            if isinstance(error, StorePermissionError):
+                # Ceph RGW (16) authorizes DeleteObjects for the bucket as a whole: credentials confined to a
+                # prefix by a bucket policy are refused the batch, though each of their keys may be deleted.
+                return await self._delete_one_by_one(keys)
+            return [DeleteFailure(k, str(error)) for k in keys]
         cut = len(self.root)
         return [
             DeleteFailure(e.get("Key", "")[cut:], f"{e.get('Code', 'Error')}: {e.get('Message', '')}".strip())
             for e in resp.get("Errors", ())
         ]
+
+    async def _delete_one_by_one(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        """DeleteObject per key, a few at a time: each key is authorized (and reported) on its own."""
+        limit = asyncio.Semaphore(self.max_in_flight)
+        failures: list[DeleteFailure] = []
+
+        async def one(key: str) -> None:
+            async with limit:
+                try:
+                    await self._client.delete_object(Bucket=self.bucket, Key=self.root + key)
+                except Exception as exc:
+                    error = self._translated(exc, key)
+                    failures.append(DeleteFailure(key, f"{error.code or type(exc).__name__}: {error}"))
+
+        async with task_group() as tg:
+            for key in keys:
+                tg.create_task(one(key))
+        return sorted(failures, key=lambda f: f.key)
+
+    def _translated(self, exc: Exception, key: str) -> StorageError:
+        """kvstore's error for a failed delete request; anything but an I/O or service error propagates."""
+        error = translate_error(exc, url=self.url, key=key, operation="delete")
+        if error is None:
+            raise exc
+        return error

@@ -144,7 +144,7 @@ class FaultProxy:
                     if not await self._forward(head + body, line, writer, truncate=fault is not None):
                         return
                 elif fault.kind == "status":
-                    writer.write(_error_response(fault.status))
+                    writer.write(_error_response(fault.status, head_only=line.startswith("HEAD ")))
                     await writer.drain()
                 elif fault.kind == "reset":
                     _reset(writer)
@@ -208,7 +208,8 @@ def _drop_header(head: bytes, name: bytes) -> bytes:
     return b"\r\n".join([lines[0], *kept])
 
 
-def _error_response(status: int) -> bytes:
+def _error_response(status: int, *, head_only: bool = False) -> bytes:
+    """An S3 error reply; to a HEAD without its body (a body there would be read as the next reply)."""
     code = "SlowDown" if status == 503 else "InternalError"
     body = (
         f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -218,7 +219,7 @@ def _error_response(status: int) -> bytes:
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/xml\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    return head + body
+    return head if head_only else head + body
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -19,9 +19,7 @@ CHUNK = 4
 GRACE = 2.0
 
 
-@pytest.mark.parametrize(
-    ("backend", "seconds"), [("local", 6.0), pytest.param("s3", 8.0, marks=pytest.mark.s3)], indirect=["backend"]
-)
+@pytest.mark.parametrize(("backend", "seconds"), [("local", 6.0), ("moto", 8.0), ("rgw", 8.0)], indirect=["backend"])
 async def test_gc_loop_beside_save_loops_loses_nothing(
     store_url: Any,
     seconds: float,

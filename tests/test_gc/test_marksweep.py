@@ -157,8 +157,7 @@ async def test_orphans_older_than_grace_go_younger_stay_local(
     assert (await _load(url, opts, spec, PROMPT)).num_tokens == len(PROMPT)
 
 
-@pytest.mark.s3
-@pytest.mark.parametrize("backend", ["s3"])
+@pytest.mark.parametrize("backend", ["moto", "rgw"])
 async def test_orphans_older_than_grace_go_younger_stay_s3(
     store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
 ) -> None:
@@ -178,7 +177,7 @@ async def test_orphans_older_than_grace_go_younger_stay_s3(
     assert (await _load(url, opts, spec, PROMPT)).num_tokens == len(PROMPT)
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize("backend", ["local", "moto", "rgw"])
 async def test_broken_chain_is_collected_and_a_new_save_restores_it(
     store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], assert_kv_equal: Callable[..., None]
 ) -> None:

@@ -1,4 +1,4 @@
-"""The ObjectStore contract, run against every backend: memory, a local directory and S3 (moto).
+"""The ObjectStore contract, run against every backend: memory, a local directory and S3 (moto and Ceph RGW).
 
 What kvstore's upper layers rely on: keys and bytes only, ``create_only`` puts
 that never overwrite, HEAD and listings that see objects (not directories),
@@ -13,8 +13,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,37 @@ class TestObjectStoreConformance:
         created = await asyncio.gather(*(store.put("race", p, create_only=True) for p in payloads))
         assert sum(created) == 1, created
         assert await store.get("race") == payloads[created.index(True)]
+
+    def test_sixteen_racing_writers_of_one_key_have_one_winner(self, store_url: tuple[str, dict | None]) -> None:
+        # Defect 10: create-only must be decided by the backend in one step, not checked and then written.
+        # Each writer has its own store (own connection, own event loop, own thread), all released at once.
+        writers, rounds = 16, 3
+        barrier = threading.Barrier(writers)
+        results: list[list[bool]] = [[False] * writers for _ in range(rounds)]
+
+        async def write_all(i: int) -> None:
+            backend = await open_object_store(*store_url)
+            try:
+                for r in range(rounds):
+                    await asyncio.to_thread(barrier.wait, 60)
+                    results[r][i] = await backend.put(f"race/{r}", f"writer-{i:02d}".encode(), create_only=True)
+            finally:
+                await backend.close()
+
+        with ThreadPoolExecutor(writers) as pool:
+            for done in [pool.submit(asyncio.run, write_all(i)) for i in range(writers)]:
+                done.result(timeout=120)
+
+        async def stored() -> list[bytes]:
+            backend = await open_object_store(*store_url)
+            try:
+                return [await backend.get(f"race/{r}") for r in range(rounds)]
+            finally:
+                await backend.close()
+
+        for r, data in enumerate(asyncio.run(stored())):
+            assert sum(results[r]) == 1, f"round {r}: winners {[i for i, won in enumerate(results[r]) if won]}"
+            assert data == f"writer-{results[r].index(True):02d}".encode()
 
     # ------------------------------------------------------------------ head
 

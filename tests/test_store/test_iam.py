@@ -34,7 +34,7 @@ from kvstore.cli.main import cli
 from kvstore.errors import StorePermissionError
 from kvstore.opening import namespace_url
 
-pytestmark = pytest.mark.s3
+pytestmark = [pytest.mark.s3, pytest.mark.moto]
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
 pytest.importorskip("s3fs", reason="s3fs is not installed")

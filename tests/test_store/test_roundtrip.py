@@ -271,8 +271,10 @@ async def test_objects_per_chunk_and_reads_per_chunk(
     [
         ("memory", 512),
         ("local", 512),
-        pytest.param("s3", 64, marks=pytest.mark.s3),
-        pytest.param("s3", 512, marks=[pytest.mark.s3, pytest.mark.slow]),  # ~15 s on moto
+        ("moto", 64),
+        ("rgw", 64),
+        pytest.param("moto", 512, marks=pytest.mark.slow),  # ~15 s on moto
+        pytest.param("rgw", 512, marks=pytest.mark.slow),
     ],
 )
 async def test_lookup_is_one_concurrent_round(

@@ -1,0 +1,48 @@
+"""botocore settings for every S3 client kvstore builds (s3fs for objects, aioboto3 for the GC's bulk calls).
+
+Two defaults differ from botocore's, each unless the user sets it (in
+``storage_options["config_kwargs"]`` or the matching AWS environment variable):
+
+- **Checksums only where an operation requires one** (``request_checksum_calculation``
+  and ``response_checksum_validation`` = ``"when_required"``). Since botocore 1.36
+  every PutObject is sent as an aws-chunked upload with a trailing CRC32 and, over
+  HTTPS, no Content-Length; S3-compatible servers that predate it (Ceph RGW 16,
+  older MinIO, ECS) refuse it (411 MissingContentLength, 400 XAmzContentSHA256Mismatch).
+  kvstore verifies every object it reads with its own blake3 checksums.
+- **No retries below kvstore's** (``retries={"mode": "standard", "total_max_attempts": 1}``
+  and s3fs's ``retries = 1``): kvstore's RetryPolicy is the one retry layer, so one
+  failing request is ``RetryPolicy.attempts`` requests, not attempts x s3fs's 5 x
+  botocore's 3, and its deadlines hold. ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` are
+  ignored for that reason; ``config_kwargs["retries"]`` still wins. The GC's bulk client, which no RetryPolicy
+  wraps, keeps botocore's standard retries as its one layer (``attempts``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["S3FS_RETRIES", "botocore_config_kwargs"]
+
+S3FS_RETRIES = 1
+"""s3fs's own tries per request (its default is 5): one, since kvstore retries."""
+
+_CHECKSUM_SETTINGS = {
+    "request_checksum_calculation": "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "response_checksum_validation": "AWS_RESPONSE_CHECKSUM_VALIDATION",
+}
+
+
+def botocore_config_kwargs(user: Mapping[str, Any] | None, *, attempts: int = 1) -> dict[str, Any]:
+    """``botocore.config.Config`` keyword arguments: the user's, plus kvstore's defaults for what they left out.
+
+    ``attempts`` is botocore's total tries per request (1: no retries).
+    """
+    config = dict(user or {})
+    for name, env in _CHECKSUM_SETTINGS.items():
+        if name not in config and not os.environ.get(env):
+            config[name] = "when_required"
+    if "retries" not in config:
+        config["retries"] = {"mode": "standard", "total_max_attempts": attempts}
+    return config

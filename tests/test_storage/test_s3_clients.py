@@ -1,0 +1,176 @@
+"""The S3 clients kvstore builds, against moto and Ceph RGW: one retry layer, HTTPS, checksums, server errors.
+
+Defect 9: kvstore's RetryPolicy is the only retry layer (s3fs's 5 tries and
+botocore's 3 are off), so a request that keeps failing costs exactly
+``attempts`` requests on the wire. Issue 12: with default settings kvstore
+works with S3-compatible servers that refuse botocore's aws-chunked uploads
+(Ceph 16 over HTTPS), and every S3 error names the server's code and message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import kvstore
+from kvstore.errors import StoreUnavailableError
+from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
+from kvstore.storage.s3_batch import S3BatchClient
+from kvstore.testing.faultproxy import FaultProxy
+from kvstore.testing.s3servers import S3Server
+
+ATTEMPTS = 3
+POLICY = RetryPolicy(attempts=ATTEMPTS, base_delay=0.0, max_delay=0.0, request_timeout=20.0, breaker_threshold=0)
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(int(s3_server.endpoint.rsplit(":", 1)[1])) as p:
+        yield p
+
+
+def _via(proxy: FaultProxy, where: Any) -> dict[str, Any]:
+    """The store's options with the proxy as endpoint, and nothing else changed (kvstore's default clients)."""
+    return {**where.storage_options, "endpoint_url": proxy.url}
+
+
+async def _fails_after(proxy: FaultProxy, request: Callable[[], Any]) -> tuple[int, StoreUnavailableError]:
+    """Requests that reached the proxy while ``request()`` ran against nothing but 503 SlowDown answers."""
+    proxy.inject("status", 1000, status=503)
+    before = proxy.stats.requests
+    try:
+        with pytest.raises(StoreUnavailableError) as info:
+            await request()
+    finally:
+        proxy.clear()
+    return proxy.stats.requests - before, info.value
+
+
+async def test_a_failing_request_is_sent_exactly_attempts_times(proxy: FaultProxy, s3_store_url: Any) -> None:
+    backend: ObjectStore = ResilientObjectStore(
+        await open_object_store(s3_store_url.url, _via(proxy, s3_store_url)), POLICY
+    )
+    try:
+        await backend.put("present", b"v")
+
+        async def listing() -> None:
+            async for _ in backend.list("present"):
+                pass
+
+        requests = {
+            "get": lambda: backend.get("present"),
+            "head": lambda: backend.head("present"),
+            "put": lambda: backend.put("new", b"v"),
+            "create-only put": lambda: backend.put("new", b"v", create_only=True),
+            "list": listing,
+            "delete": lambda: backend.delete(["present"]),
+        }
+        for name, request in requests.items():
+            sent, error = await _fails_after(proxy, request)
+            assert sent == ATTEMPTS, f"{name}: {sent} requests for {ATTEMPTS} attempts"
+            assert error.status == 503, name
+        assert await backend.get("present") == b"v"  # nothing was deleted or overwritten
+        assert await backend.head("new") is None
+    finally:
+        await backend.close()
+
+
+async def test_a_save_and_a_load_under_503s_send_attempts_per_request(
+    proxy: FaultProxy, s3_store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+) -> None:
+    spec = make_spec()
+    tokens = list(range(16))
+    options = _via(proxy, s3_store_url)
+    async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=POLICY) as store:
+        sent, error = await _fails_after(proxy, lambda: store.save_prefix(spec, tokens, make_kv(spec, 16)))
+        assert sent == ATTEMPTS  # the save stops at its first request that fails for good
+        assert error.code in ("SlowDown", "503")
+        started = time.monotonic()
+        proxy.inject("status", 1000, status=503)
+        before = proxy.stats.requests
+        assert (await store.load_prefix(spec, tokens)).num_tokens == 0  # fails open: a miss
+        assert proxy.stats.requests - before == ATTEMPTS
+        assert time.monotonic() - started < 5
+        proxy.clear()
+
+
+async def test_the_gc_bulk_client_has_one_retry_layer_too(proxy: FaultProxy, s3_store_url: Any) -> None:
+    async with S3BatchClient(s3_store_url.url, _via(proxy, s3_store_url)) as client:
+
+        async def listing() -> None:
+            async for _ in client.list_objects(""):
+                pass
+
+        sent, error = await _fails_after(proxy, listing)
+    assert sent == RetryPolicy().attempts  # botocore's standard retries are its only layer
+    assert error.status == 503
+    assert "SlowDown" in str(error)
+
+
+# ---------------------------------------------------------------------- HTTPS, checksums (RGW)
+
+
+@pytest.fixture
+def rgw_https(rgw_server: S3Server) -> S3Server:
+    assert rgw_server.https_endpoint
+    assert rgw_server.ca_file
+    return rgw_server
+
+
+@pytest.mark.rgw
+@pytest.mark.parametrize("backend", ["rgw"])
+async def test_default_settings_work_over_https_with_a_self_signed_certificate(
+    rgw_https: S3Server,
+    store_url: Any,
+    make_spec: Callable[..., Any],
+    make_kv: Callable[..., Any],
+    assert_kv_equal: Callable[..., None],
+) -> None:
+    options = rgw_https.storage_options(rgw_https.https_endpoint)
+    assert options["client_kwargs"]["verify"] == rgw_https.ca_file
+    spec = make_spec()
+    tokens = list(range(40))
+    kv = make_kv(spec, len(tokens))
+    async with kvstore.open(store_url.url, storage_options=options, chunk_tokens=16) as store:
+        saved = await store.save_prefix(spec, tokens, kv)
+        assert saved.num_tokens == 40
+        hit = await store.load_prefix(spec, tokens)
+    assert_kv_equal(hit.kv, kv)
+    async with S3BatchClient(store_url.url, options) as client:  # the GC's ListObjectsV2 and DeleteObjects
+        keys = [m.key async for m in client.list_objects("")]
+        assert len(keys) > 3
+        assert await client.delete_objects(keys) == []
+        assert [m async for m in client.list_objects("")] == []
+
+
+@pytest.mark.rgw
+@pytest.mark.parametrize("backend", ["rgw"])
+async def test_https_verifies_the_certificate(rgw_https: S3Server, store_url: Any) -> None:
+    options = rgw_https.storage_options(rgw_https.https_endpoint)
+    del options["client_kwargs"]["verify"]
+    with pytest.raises(StoreUnavailableError) as info:
+        await kvstore.open(store_url.url, storage_options=options, retry=None)
+    assert "certificate verify failed" in str(info.value).lower() or "SSL" in str(info.value)
+
+
+@pytest.mark.rgw
+@pytest.mark.parametrize("backend", ["rgw"])
+async def test_the_servers_refusal_of_aws_chunked_uploads_is_shown(rgw_https: S3Server, store_url: Any) -> None:
+    # What kvstore avoids by default: botocore's checksum trailer, which Ceph 16 refuses over HTTPS.
+    options = rgw_https.storage_options(rgw_https.https_endpoint)
+    options["config_kwargs"] = {"request_checksum_calculation": "when_supported"}
+    backend = await open_object_store(store_url.url, options)
+    try:
+        with pytest.raises(StoreUnavailableError) as info:
+            await backend.put("k", b"v")
+    finally:
+        await backend.close()
+    err = info.value
+    assert (err.status, err.code) in ((411, "MissingContentLength"), (400, "XAmzContentSHA256Mismatch"))
+    assert err.operation == "put"
+    assert err.key == "k"
+    assert f"HTTP {err.status} {err.code}" in str(err)
