@@ -243,7 +243,7 @@ async def test_two_sources_sharing_a_cache_directory_never_see_each_others_copie
     assert (tiers_two.tier_stats.disk_hits, tiers_one.tier_stats.disk_hits) == (0, 1)
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+@pytest.mark.parametrize("backend", ["local", "moto", "rgw"], indirect=True)
 async def test_stores_sharing_a_cache_url_each_load_their_own_kv(
     store_url: Any,
     tmp_path: Path,
