@@ -1,14 +1,16 @@
 """GC throughput and memory: a local store of >= 100,000 chunk objects, and a smaller one on S3.
 
-    python benchmarks/bench_gc.py                     # local (~120k objects) and moto (~6k objects)
+    python benchmarks/bench_gc.py                     # local (~60k objects) and moto (~3k objects)
     python benchmarks/bench_gc.py --server rgw        # S3 on Ceph's RADOS Gateway instead of moto
     python benchmarks/bench_gc.py --chunks 50000 --skip-s3
 
 Objects are written straight in the on-store layout (not through save_prefix,
-which would spend the time encoding tensors): valid root, model, retirement and
-commit records and chunk chains, so the GC does its real work. The mix: two live
-model versions, one retired; 3% uncommitted chunk directories, 2% chunks behind a
-broken chain, temporary files. Everything is two hours old, so with the default
+which would spend the time encoding tensors): valid root, model and retirement
+records and chunk chains of data objects (format 2: a zarr.json and one data
+object per chunk, whose header the GC reads; the layers are a few bytes, which
+the GC does not check), so the GC does its real work. The mix: two live model
+versions, one retired; 3% uncommitted chunks (a zarr.json and a writer's
+temporary file), 2% chunks behind a broken chain. Everything is two hours old, so with the default
 1 h grace all garbage goes.
 
 Reported: objects listed per second (both listings), objects deleted per second,
@@ -36,17 +38,18 @@ import torch
 from _s3servers import add_server_option, fresh_store, s3_server
 
 import kvstore
+from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import key_root, model_id
 from kvstore.formats.layout import (
     ROOT_RECORD,
     chunk_prefix,
-    commit_path,
-    layer_path,
+    data_path,
     model_record_path,
     retirement_record_path,
     zarr_array_metadata,
 )
-from kvstore.formats.records import CommitRecord, ModelRecord, RetirementRecord, RootRecord
+from kvstore.formats.records import ChunkHeader, ModelRecord, RetirementRecord, RootRecord
+from kvstore.formats.shard import data_object, encode_layers
 from kvstore.gc import GCReport, run_gc
 
 CHUNK_TOKENS = 256
@@ -66,7 +69,8 @@ def store_objects(num_chunks: int, layers: int, seed: int = 0) -> list[tuple[str
     out: list[tuple[str, bytes]] = [(ROOT_RECORD, RootRecord(CHUNK_TOKENS).to_msgpack())]
     specs = _specs(layers)
     per_model = num_chunks // len(specs)
-    layer = b"\x00" * 64
+    half = memoryview(b"\x00" * 32)
+    layers_parts = encode_layers(get_codec("none"), [(half, half)] * layers, 2)
     for spec, retired in specs:
         mid = model_id(spec)
         out.append((model_record_path(mid), ModelRecord(mid, spec).to_msgpack()))
@@ -82,22 +86,12 @@ def store_objects(num_chunks: int, layers: int, seed: int = 0) -> list[tuple[str
             prefix = chunk_prefix(mid, key)
             kind = rng.random()
             out.append((prefix + "zarr.json", meta))
-            out.extend((layer_path(prefix, i), layer) for i in range(layers))
-            if kind < 0.03:  # a crashed writer: no commit record, maybe a temp file
-                out.append((prefix + "commit.msgpack.tmp-0f0f0f0f", b"partial"))
+            if kind < 0.03:  # a crashed writer: no data object, a temporary file
+                out.append((data_path(prefix) + ".tmp-0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", b"partial"))
             else:
                 chain_parent = rng.randbytes(32) if kind < 0.05 else parent  # 2%: the parent never existed
-                commit = CommitRecord(
-                    key=key,
-                    parent=chain_parent,
-                    index=index,
-                    model_id=mid,
-                    num_tokens=CHUNK_TOKENS,
-                    codec="none",
-                    layer_sizes=(len(layer),) * layers,
-                    layer_digests=(blake3.blake3(layer).digest(),) * layers,
-                )
-                out.append((commit_path(prefix), commit.to_msgpack()))
+                header = ChunkHeader(key, chain_parent, index, mid, CHUNK_TOKENS, layers, "none")
+                out.append((data_path(prefix), b"".join(data_object(header, layers_parts))))
             parent, index = key, index + 1
     return out
 
@@ -200,9 +194,7 @@ def bench_s3(server_name: str, num_chunks: int, layers: int) -> None:
         # Objects are seconds old here: use a zero grace by running with dry_run off and grace 0.
         timer = PhaseTimer()
         t = time.perf_counter()
-        report = asyncio.run(
-            run_gc(url, storage_options=options, grace=0, allow_short_grace=True, progress=timer)
-        )
+        report = asyncio.run(run_gc(url, storage_options=options, grace=0, allow_short_grace=True, progress=timer))
         report_line(f"s3 ({server.name}) gc", report, timer, time.perf_counter() - t)
         assert report.ok
 
@@ -210,7 +202,7 @@ def bench_s3(server_name: str, num_chunks: int, layers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=30_000, help="chunk directories in the local store")
-    parser.add_argument("--layers", type=int, default=2, help="layer objects per chunk")
+    parser.add_argument("--layers", type=int, default=2, help="layers per chunk (a few bytes each: the GC reads headers only)")
     parser.add_argument("--s3-chunks", type=int, default=1_500, help="chunk directories in the S3 store")
     parser.add_argument("--skip-s3", action="store_true")
     add_server_option(parser)
