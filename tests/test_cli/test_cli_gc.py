@@ -46,7 +46,7 @@ def _age(root: Path, seconds: float = 7200) -> None:
 
 
 def _retired_store(tmp_path: Path, *, age: bool = True) -> str:
-    """A store at ``tmp_path/s`` with tiny-llama@v1 retired (13 objects of garbage) and v2 live; aged 2 h."""
+    """A store at ``tmp_path/s`` with tiny-llama@v1 retired (7 objects of garbage) and v2 live; aged 2 h."""
     url = str(tmp_path / "s")
     _make_store(url)
     _invoke("retire", url, "tiny-llama@v1")
@@ -145,7 +145,7 @@ def test_gc_refuses_a_short_grace_unless_allowed(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == files
     done = _invoke("gc", url, "--grace", "30s", "--allow-short-grace", "--json")
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output)["freed_objects"] == 13
+    assert json.loads(done.output)["freed_objects"] == 7
 
 
 def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
