@@ -181,3 +181,22 @@ async def test_open_stacks_it_right_over_the_backend(tmp_path: Path) -> None:
         await store.lookup(kvstore.ModelSpec("m", "v", 1, 1, 4, torch.float16), [1, 2, 3])
         assert isinstance(layers[2], InstrumentedObjectStore)
         assert layers[2].operation_stats()["head"].count >= 1
+
+
+async def test_a_planned_read_is_one_request_where_the_backend_reads_into_buffers(tmp_path: Path) -> None:
+    local = LocalObjectStore(str(tmp_path))
+    await local.put("obj", b"HEAD" + b"x" * 12)
+
+    def plan(head: bytes) -> tuple[int, list[memoryview]]:
+        assert head == b"HEAD"
+        return 4, [memoryview(bytearray(12))]
+
+    direct = InstrumentedObjectStore(local)  # a local file: head and body in one worker-thread hop
+    assert await direct.get_planned("obj", 4, plan) == (b"HEAD", 12)
+    ranged = direct.operation_stats()["get_range"]
+    assert (ranged.count, ranged.bytes) == (1, 16)
+    clock = FakeClock()
+    split = InstrumentedObjectStore(Scripted(local, clock), clock=clock)  # no reads into buffers: two requests
+    assert await split.get_planned("obj", 4, plan) == (b"HEAD", 12)
+    ranged = split.operation_stats()["get_range"]
+    assert (ranged.count, ranged.bytes) == (2, 16)
