@@ -1,4 +1,4 @@
-"""StoreCollector over a real store (a local directory and S3 on the moto server): the scrape tells what happened.
+"""StoreCollector over a real store (a local directory, S3 on moto and on Ceph RGW): the scrape tells what happened.
 
 Every expected figure is worked out from the scenario (prompt lengths, chunk
 size, the one damaged chunk), and the request counters are checked against
@@ -8,7 +8,6 @@ the requests the store itself counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ SPEC = kvstore.ModelSpec("metrics", "v1", num_layers=2, num_kv_heads=2, head_dim
 def _kv(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 2, 8, generator=gen).half(), torch.randn(n, 2, 8, generator=gen).half()) for _ in range(2)]
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    if request.param == "local":
-        yield str(tmp_path / "kv"), None
-    else:
-        s3 = request.getfixturevalue("s3_store_url")
-        yield s3.url, s3.storage_options
 
 
 async def _damage_chunk(url: str, options: dict[str, Any] | None, tokens: list[int], chunk: int) -> None:
@@ -63,8 +53,9 @@ REQUEST_KINDS = {
 }
 
 
-async def test_a_scrape_reports_saves_hits_misses_and_damage(location: tuple[str, dict[str, Any] | None]) -> None:
-    url, options = location
+@pytest.mark.parametrize("backend", ["local", "moto", "rgw"])  # the S3 servers of conftest.S3_SERVERS
+async def test_a_scrape_reports_saves_hits_misses_and_damage(store_url: tuple[str, dict[str, Any] | None]) -> None:
+    url, options = store_url
     a, b, c = list(range(40)), list(range(1000, 1040)), list(range(2000, 2048))
     async with kvstore.open(url, storage_options=options, chunk_tokens=CT) as store:
         collector = StoreCollector(store)
