@@ -202,6 +202,7 @@ class LayerStream:
         n = self._hits[m - 1].key.end if m and self._host else 0
         if self._pending is not None and self._host:  # served from a background save: all there at once
             n, m = self.num_tokens, 0
+        self._services.counters.count_load(len(self._tokens), n, self._services.reader.chunk_tokens)
         if n == 0:
             return LoadResult(0, empty_kv(spec, self._device), 0, state.damaged, state.bytes_read)
         copies = [self._transfers.to_device([k[:n], v[:n]], copy=True) for k, v in self._host]
@@ -313,6 +314,7 @@ class LayerStream:
                 self._spec, self._mid, self._hits[state.first_bad].key, state.error
             )
         c.chunks_loaded += state.first_bad if self.num_tokens else 0
+        c.count_load(len(self._tokens), self.num_tokens, self._services.reader.chunk_tokens)
         c.bytes_read += state.bytes_read
 
 

@@ -15,6 +15,7 @@ from kvstore.formats.records import RootRecord
 from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES
 from kvstore.storage import ObjectStore, open_object_store
 from kvstore.storage.disk_tier import DEFAULT_DISK_CACHE_BYTES, DiskTier, cache_dir, source_identity
+from kvstore.storage.instrumented import InstrumentedObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.tiers import TieredObjectStore
 from kvstore.store import DEFAULT_CHUNK_TOKENS, KVStore, StoreOptions
@@ -189,7 +190,7 @@ async def _open_store(
     retry: RetryPolicy | None,
     tiers: _TierOptions,
 ) -> KVStore:
-    backend = await open_object_store(url, storage_options)
+    backend: ObjectStore = InstrumentedObjectStore(await open_object_store(url, storage_options))
     if retry is not None:
         backend = ResilientObjectStore(backend, retry)
     try:

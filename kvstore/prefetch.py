@@ -134,6 +134,11 @@ class PrefetchBuffer:
         self._tasks: set[asyncio.Future[LoadResult]] = set()
         self.used = 0
         """Bytes charged by the unclaimed prefetches."""
+        self.started = 0
+        self.claimed = 0
+        """Prefetches a load took over (one put back unfinished counts at its last claim only)."""
+        self.dropped = 0
+        """Prefetches evicted to make room, or not started because they exceed the budget."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -148,12 +153,15 @@ class PrefetchBuffer:
             return existing
         if nbytes > self.budget:
             logger.info("prefetch of %d bytes exceeds the budget of %d bytes; not started", nbytes, self.budget)
+            self.dropped += 1
             return PrefetchHandle(self, key, nbytes, None)
         while self.used + nbytes > self.budget:
             _, oldest = self._entries.popitem(last=False)
             self.used -= oldest.nbytes
             oldest._future.cancel()
+            self.dropped += 1
         handle = PrefetchHandle(self, key, nbytes, make_loader())
+        self.started += 1
         self._entries[key] = handle
         self.used += nbytes
         self._tasks.add(handle._future)
@@ -165,6 +173,7 @@ class PrefetchBuffer:
         handle = self._entries.pop(key, None)
         if handle is not None:
             self.used -= handle.nbytes
+            self.claimed += 1
         return handle
 
     def put_back(self, handle: PrefetchHandle) -> None:
@@ -172,6 +181,7 @@ class PrefetchBuffer:
         if not handle.done() and handle._key not in self._entries:
             self._entries[handle._key] = handle
             self.used += handle.nbytes
+            self.claimed -= 1
 
     def _remove(self, handle: PrefetchHandle) -> None:
         if self._entries.get(handle._key) is handle:

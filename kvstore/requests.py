@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvstore.hits import HitCounters
 from kvstore.storage import ObjectStore
 from kvstore.storage.base import ObjectMeta
 
@@ -15,7 +16,7 @@ __all__ = ["Counters", "PriorityLimit", "Requests"]
 
 
 @dataclass(slots=True)
-class Counters:
+class Counters(HitCounters):
     """A store's cumulative counters; ``KVStore.stats()`` snapshots them."""
 
     saves: int = 0

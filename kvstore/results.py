@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from kvstore.spec import ModelSpec
+from kvstore.storage.instrumented import OperationStats
 
-__all__ = ["LayerKV", "LoadResult", "ModelInfo", "SaveResult", "StoreStats"]
+__all__ = ["LayerKV", "LoadResult", "ModelInfo", "RequestStats", "SaveResult", "StoreStats"]
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """One layer's (K, V), each ``[tokens, num_kv_heads, head_dim]``."""
@@ -101,12 +103,46 @@ class StoreStats:
     """Pinned buffers served from the pool instead of a new allocation."""
     pinned_overflows: int = 0
     """Copies that found the pool full and went through pageable memory."""
+    load_tokens: int = 0
+    """Tokens that loads which returned a result asked for (their query's length)."""
+    load_tokens_hit: int = 0
+    """Of ``load_tokens``, those served from the cache; the rest are misses."""
+    load_chunks: int = 0
+    """Chunks those queries span (``ceil(tokens / chunk_tokens)`` per load)."""
+    load_chunks_hit: int = 0
+    """Of ``load_chunks``, those the hits covered."""
 
     @property
     def tier_hit_rate(self) -> float:
         """Share of object reads served by a cache tier (0 without tiers)."""
         total = self.memory_hits + self.disk_hits + self.source_reads
         return (self.memory_hits + self.disk_hits) / total if total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStats:
+    """Requests to the object store by operation, and the background work queued behind them, now.
+
+    ``operations`` maps every operation (get, get_range, put, head, list,
+    delete) to its counts and latency histogram: each attempt that reached the
+    store, under retries and cache tiers. ``circuit_open`` is the circuit
+    breaker's state (False without retries). The write-back and prefetch
+    figures are what is held at this moment, plus cumulative prefetch counts.
+    """
+
+    operations: Mapping[str, OperationStats]
+    circuit_open: bool = False
+    writeback_bytes: int = 0
+    """Bytes of KV held by background saves not yet uploaded (bounded by ``writeback_budget``)."""
+    writeback_saves: int = 0
+    prefetch_bytes: int = 0
+    """Bytes charged by prefetches nobody has claimed yet (bounded by ``prefetch_budget``)."""
+    prefetches_held: int = 0
+    prefetches_started: int = 0
+    prefetches_claimed: int = 0
+    """Prefetches a ``load_prefix`` took over instead of loading again."""
+    prefetches_dropped: int = 0
+    """Prefetches dropped for the budget: evicted oldest-first, or too large to start."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,10 +41,11 @@ from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
 from kvstore.reading import ChunkReader
 from kvstore.registry import Registry, read_registry, retire_models
 from kvstore.requests import Counters, Requests
-from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
+from kvstore.results import LayerKV, LoadResult, ModelInfo, RequestStats, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
-from kvstore.storage.resilient import RetryStats
+from kvstore.storage.instrumented import InstrumentedObjectStore, storage_layers
+from kvstore.storage.resilient import ResilientObjectStore, RetryStats
 from kvstore.storage.tiers import TierStats
 from kvstore.tensors import byte_view, check_kv
 from kvstore.writeback import SaveHandle, WriteBack
@@ -155,6 +156,28 @@ class KVStore:
             ps = pool.stats()
             extra.update(pinned_bytes=ps.allocated_bytes, pinned_reuses=ps.reuses, pinned_overflows=ps.overflows)
         return StoreStats(**{f.name: getattr(c, f.name) for f in fields(c)}, **extra)
+
+    def request_stats(self) -> RequestStats:
+        """Requests to the object store per operation with their latency, the circuit, the background queues, now.
+
+        Request figures come from the ``InstrumentedObjectStore`` that ``kvstore.open``
+        stacks over the backend (empty for a store built without one).
+        """
+        layers = storage_layers(self._backend)
+        timed = next((x for x in layers if isinstance(x, InstrumentedObjectStore)), None)
+        retrying = next((x for x in layers if isinstance(x, ResilientObjectStore)), None)
+        wb, pf = self._writeback, self._prefetches
+        return RequestStats(
+            operations=timed.operation_stats() if timed is not None else {},
+            circuit_open=retrying is not None and retrying.breaker.is_open,
+            writeback_bytes=wb.used,
+            writeback_saves=wb.queued,
+            prefetch_bytes=pf.used,
+            prefetches_held=len(pf),
+            prefetches_started=pf.started,
+            prefetches_claimed=pf.claimed,
+            prefetches_dropped=pf.dropped,
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -21,7 +21,7 @@ from kvstore.loading import LayerStream
 from kvstore.opening import OpenOptions
 from kvstore.opening import open as open_async
 from kvstore.prefetch import PrefetchHandle
-from kvstore.results import LayerKV, LoadResult, ModelInfo, SaveResult, StoreStats
+from kvstore.results import LayerKV, LoadResult, ModelInfo, RequestStats, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
 from kvstore.store import KVStore, StoreOptions
 
@@ -112,6 +112,9 @@ class SyncStore:
 
     def stats(self) -> StoreStats:
         return self._store.stats()
+
+    def request_stats(self) -> RequestStats:
+        return self._store.request_stats()
 
     def close(self) -> None:
         try:

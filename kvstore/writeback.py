@@ -96,6 +96,11 @@ class WriteBack:
         self._pending: list[_Pending] = []
         self._errors: list[BaseException] = []
 
+    @property
+    def queued(self) -> int:
+        """Background saves not finished yet (their bytes are ``used``)."""
+        return len(self._tasks)
+
     async def submit(
         self,
         model_id: bytes,

@@ -74,7 +74,8 @@ def test_every_error_is_a_kvstore_error() -> None:
 def test_import_kvstore_leaves_optional_parts_unimported() -> None:
     code = (
         "import sys, kvstore\n"
-        "heavy = ['cupy', 's3fs', 'aioboto3', 'aiobotocore', 'zarr', 'click', 'rich', 'kvstore.cli', 'transformers']\n"
+        "heavy = ['cupy', 's3fs', 'aioboto3', 'aiobotocore', 'zarr', 'click', 'rich', 'kvstore.cli', 'transformers',\n"
+        "         'prometheus_client', 'kvstore.metrics']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

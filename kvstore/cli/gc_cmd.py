@@ -85,6 +85,12 @@ def _print_report(report: Any, console: Console) -> None:
     help="On a terminal without --yes, ask first when more objects than this would be deleted.",
 )
 @click.option("--concurrency", default=32, show_default=True, type=click.IntRange(min=1), help="Parallel reads.")
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write the results in the Prometheus text format here (for node exporter's textfile collector: *.prom).",
+)
 @click.pass_context
 def gc_command(
     ctx: click.Context,
@@ -97,6 +103,7 @@ def gc_command(
     yes: bool,
     confirm_threshold: int,
     concurrency: int,
+    metrics_file: str | None,
 ) -> None:
     """Mark and sweep: delete chunks no live model version can reach.
 
@@ -146,8 +153,12 @@ def gc_command(
             )
         elif plan.freed_objects == 0:
             _print_report(plan, console)
+            if metrics_file is not None:
+                _write_metrics(metrics_file, plan)
             return
     report = one_run(dry_run)
+    if metrics_file is not None:
+        _write_metrics(metrics_file, report)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -157,6 +168,17 @@ def gc_command(
             click.echo(f"kvstore: could not delete {failure.key}: {failure.error}", err=True)
         click.echo(f"kvstore: error: {report.failures_total:,} objects could not be deleted", err=True)
         ctx.exit(EXIT_ERROR)
+
+
+def _write_metrics(path: str, report: Any) -> None:
+    try:
+        from kvstore.metrics import write_gc_metrics
+    except ImportError as exc:
+        raise click.UsageError(f"--metrics-file: {exc}") from exc
+    try:
+        write_gc_metrics(path, report)
+    except OSError as exc:
+        raise click.ClickException(f"could not write --metrics-file {path}: {exc}") from exc
 
 
 @click.command("retire")

@@ -255,6 +255,10 @@ async def test_objects_per_chunk_and_reads_per_chunk(
             "bytes_read": hit.bytes_read,
             "requests_head": chunks,
             "requests_get": chunks * gets,
+            "load_tokens": len(prompt),
+            "load_tokens_hit": len(prompt),
+            "load_chunks": chunks,
+            "load_chunks_hit": chunks,
         }
 
     per_chunk: dict[str, set[str]] = defaultdict(set)
