@@ -202,7 +202,7 @@ def bench_s3(server_name: str, num_chunks: int, layers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=30_000, help="chunk directories in the local store")
-    parser.add_argument("--layers", type=int, default=2, help="layers per chunk (a few bytes each: the GC reads headers only)")
+    parser.add_argument("--layers", type=int, default=2, help="layers per chunk (a few bytes each)")
     parser.add_argument("--s3-chunks", type=int, default=1_500, help="chunk directories in the S3 store")
     parser.add_argument("--skip-s3", action="store_true")
     add_server_option(parser)
