@@ -28,7 +28,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.integrations.vllm.config import ConnectorConfig
 from kvstore.integrations.vllm.counters import ConnectorCounters, Counts
-from kvstore.integrations.vllm.identity import request_variant, shard_name, weights_version
+from kvstore.integrations.vllm.identity import RequestVersions, shard_name, weights_version
 from kvstore.integrations.vllm.jobs import StepPlan
 from kvstore.integrations.vllm.metrics import KVStoreConnectorStats, KVStorePromMetrics
 from kvstore.integrations.vllm.paged import UnsupportedLayoutError
@@ -84,7 +84,7 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is unt
                 self._kv_transfer_config.kv_load_failure_policy = "recompute"
             shards = [spec(r) for r in range(0, tp, replicas)]
             self._scheduler = SchedulerSide(
-                self._config, self._runtime, shards, block_size, self._counters, _VariantOf(version)
+                self._config, self._runtime, shards, block_size, self._counters, RequestVersions(version)
             )
         else:
             self._runtime.has_worker = True
@@ -185,33 +185,6 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is unt
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             release_runtime(runtime)
-
-
-class _VariantOf:
-    """The version a request's KV is stored under (None: keep it away from the store)."""
-
-    def __init__(self, version: str) -> None:
-        self._version = version
-        self._adapters: dict[tuple[str, str], str] = {}
-
-    def __call__(self, request: Any) -> str | None:
-        if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
-            return None  # the KV depends on inputs the token ids do not show
-        lora = getattr(request, "lora_request", None)
-        adapter = None if lora is None else self._adapter(lora.lora_name, lora.lora_path)
-        salt = getattr(request, "cache_salt", None)
-        probe = ModelSpec("m", self._version, 1, 1, 1, torch.float32)
-        return request_variant(probe, lora=adapter, cache_salt=salt).version
-
-    def _adapter(self, name: str, path: str) -> str:
-        """An adapter's identity: its name and the digest of its files (remembered per path)."""
-        key = (name, path)
-        if key not in self._adapters:
-            try:
-                self._adapters[key] = f"{name}:{weights_version(path)}"
-            except OSError:
-                self._adapters[key] = f"{name}:{path}"
-        return self._adapters[key]
 
 
 def _layout(vllm_config: Any, kv_cache_config: Any) -> tuple[list[str], Any] | str:

@@ -2,7 +2,7 @@
 
 Keys must change whenever the KV bytes would: new weights (``weights_version``), a
 tensor- or pipeline-parallel shard of the heads or layers (``shard_name``), a LoRA
-adapter or a ``cache_salt`` (``request_variant``). Everything else that determines
+adapter or a ``cache_salt`` (``request_version``). Everything else that determines
 the bytes (layers, KV heads per rank, head size, KV dtype, chunk size) is already
 part of ``ModelSpec`` and of kvstore's chunk keys.
 """
@@ -13,14 +13,12 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import blake3
 
-from kvstore.spec import ModelSpec
-
-__all__ = ["WEIGHT_SUFFIXES", "request_variant", "shard_name", "weights_version"]
+__all__ = ["WEIGHT_SUFFIXES", "RequestVersions", "request_version", "shard_name", "weights_version"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 """Files whose contents are the weights; ``config.json`` is hashed with them (it changes RoPE, norms, ...)."""
@@ -95,17 +93,41 @@ def shard_name(
     return name
 
 
-def request_variant(spec: ModelSpec, *, lora: str | None = None, cache_salt: str | None = None) -> ModelSpec:
-    """The spec a request's KV is stored under: its own version for a LoRA adapter or a cache salt.
+def request_version(version: str, *, lora: str | None = None, cache_salt: str | None = None) -> str:
+    """The version a request's KV is stored under: its own for a LoRA adapter or a cache salt.
 
-    ``lora`` identifies the adapter's weights (name and ``weights_version`` of its
+    ``lora`` identifies the adapter's weights (its name and ``weights_version`` of its
     directory); ``cache_salt`` is the request's salt. Both enter the version as
     blake3 digests, so a salt is not stored in clear and entries made without the
     same adapter and salt are never hit.
     """
-    version = spec.version
     if lora is not None:
         version += "+lora-" + blake3.blake3(b"kvstore/vllm/lora\x00" + lora.encode()).hexdigest()[:_DIGEST_CHARS]
     if cache_salt is not None:
         version += "+salt-" + blake3.blake3(b"kvstore/vllm/salt\x00" + cache_salt.encode()).hexdigest()[:_DIGEST_CHARS]
-    return spec if version == spec.version else replace(spec, version=version)
+    return version
+
+
+class RequestVersions:
+    """Maps a vLLM request to the version its KV is stored under, or None to keep it away from the store."""
+
+    def __init__(self, version: str) -> None:
+        self._version = version
+        self._adapters: dict[tuple[str, str], str] = {}
+
+    def __call__(self, request: Any) -> str | None:
+        if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
+            return None  # its KV depends on inputs the token ids do not show
+        lora = getattr(request, "lora_request", None)
+        adapter = None if lora is None else self._adapter(str(lora.lora_name), str(lora.lora_path))
+        return request_version(self._version, lora=adapter, cache_salt=getattr(request, "cache_salt", None))
+
+    def _adapter(self, name: str, path: str) -> str:
+        """An adapter's identity: its name and the digest of its files (computed once per path)."""
+        key = (name, path)
+        if key not in self._adapters:
+            try:
+                self._adapters[key] = f"{name}:{weights_version(path)}"
+            except OSError:  # not a local directory: its name and path are all there is
+                self._adapters[key] = f"{name}:{path}"
+        return self._adapters[key]

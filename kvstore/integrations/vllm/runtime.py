@@ -29,7 +29,7 @@ from kvstore.errors import KVStoreError
 from kvstore.integrations.vllm.config import ConnectorConfig
 from kvstore.store import KVStore
 
-__all__ = ["REOPEN_AFTER_S", "StoreRuntime", "acquire_runtime", "release_runtime"]
+__all__ = ["CLOSE_TIMEOUT_S", "REOPEN_AFTER_S", "StoreRuntime", "acquire_runtime", "release_runtime"]
 
 logger = logging.getLogger("kvstore.vllm")
 

@@ -32,7 +32,7 @@ from kvstore.integrations.vllm.config import ConnectorConfig
 from kvstore.integrations.vllm.counters import ConnectorCounters
 from kvstore.integrations.vllm.jobs import LoadJob, SaveJob, StepPlan
 from kvstore.integrations.vllm.paged import PagedLayer
-from kvstore.integrations.vllm.runtime import StoreRuntime
+from kvstore.integrations.vllm.runtime import CLOSE_TIMEOUT_S, StoreRuntime
 from kvstore.results import LayerKV
 from kvstore.spec import ModelSpec
 
@@ -90,6 +90,7 @@ class WorkerSide:
         self._loads: list[_Load] = []
         self._errors: set[int] = set()
         self._copies: list[concurrent.futures.Future[None]] = []
+        self._saves: set[concurrent.futures.Future[None]] = set()
         self._save_bytes = 0
         self._save_lock = threading.Lock()
 
@@ -213,7 +214,16 @@ class WorkerSide:
         copied: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._copies.append(copied)
         task = self._runtime.submit(self._save(job, spec, nbytes, copied))
-        task.add_done_callback(_log_bug)
+        with self._save_lock:
+            self._saves.add(task)
+        task.add_done_callback(self._saved)
+
+    def _saved(self, task: concurrent.futures.Future[None]) -> None:
+        """A background save that raised something other than a store error is a bug: make it loud."""
+        with self._save_lock:
+            self._saves.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("kvstore save crashed", exc_info=exc)
 
     async def _save(self, job: SaveJob, spec: ModelSpec, nbytes: int, copied: concurrent.futures.Future[None]) -> None:
         try:
@@ -247,15 +257,13 @@ class WorkerSide:
         for copied in copies:
             copied.result()
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait (bounded) for the saves in flight, and drop the loads."""
         self.barrier()
+        with self._save_lock:
+            saves = list(self._saves)
+        concurrent.futures.wait(saves, timeout=timeout)
         for load in self._loads:
             if load.task is not None:
                 load.task.cancel()
         self._loads.clear()
-
-
-def _log_bug(task: concurrent.futures.Future[None]) -> None:
-    """A background save that raised something other than a store error is a bug: make it loud."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        logger.error("kvstore save crashed", exc_info=exc)
