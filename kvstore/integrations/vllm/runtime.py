@@ -50,7 +50,7 @@ class StoreRuntime:
         self._store: KVStore | None = None
         self._opening: concurrent.futures.Future[KVStore] | None = None
         self._failed_at = -REOPEN_AFTER_S
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # an open that is already done runs its callback in the caller
         self.has_worker = False
         """A worker-side connector of this process uses this runtime (so scheduler prefetches get claimed)."""
 

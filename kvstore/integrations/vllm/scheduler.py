@@ -127,7 +127,10 @@ class SchedulerSide:
             return 0
         hit = min(hits)
         if len(specs) == 1 and self._runtime.has_worker and hit - 1 >= self._config.min_cached_tokens:
-            store.prefetch(specs[0], state.tokens[:hit])  # the worker's load of the same tokens joins it
+            try:
+                store.prefetch(specs[0], state.tokens[:hit])  # the worker's load of the same tokens joins it
+            except KVStoreError as exc:  # the store closed meanwhile: the worker loads without it
+                logger.warning("kvstore prefetch not started: %s", exc)
         return hit
 
     def after_alloc(self, request: Any, num_external_tokens: int) -> None:

@@ -173,8 +173,11 @@ class WorkerSide:
                 if layer not in load.applied:  # the forward never waited for it: its blocks are not trusted
                     load.applied.add(layer)
                     load.valid_end = load.job.start
-            if load.task is not None and not load.task.done():
-                load.task.cancel()  # past its deadline: stop reading
+            if load.task is not None:
+                try:  # after its last layer the load only closes its stream and counts
+                    load.task.result(timeout=max(0.0, load.deadline - time.monotonic()))
+                except (TimeoutError, concurrent.futures.CancelledError):
+                    load.task.cancel()  # past its deadline: stop reading
             job = load.job
             failed = job.block_ids[(load.valid_end - job.start) // self._block :]
             self._errors.update(failed)
