@@ -15,11 +15,11 @@ equal that run bit for bit; a full recompute must give the same tokens.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,15 +74,30 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_url(s3_endpoint: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def s3_url() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A moto S3 server of this module's own on 127.0.0.1 (port 0) with a bucket: the store URL and options."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
     import boto3
+    from moto.server import ThreadedMotoServer
 
-    bucket = f"kvvllm-{uuid.uuid4().hex[:16]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=bucket)
-    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
-    yield f"s3://{bucket}/kv", {**options, "client_kwargs": {"region_name": "us-east-1"}}
-    client.close()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    client = boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="kvstore-vllm")
+    try:
+        yield "s3://kvstore-vllm/kv", {**options, "client_kwargs": {"region_name": "us-east-1"}}
+    finally:
+        client.close()
+        server.stop()
 
 
 def _damage_one_object(root: Path) -> Path:

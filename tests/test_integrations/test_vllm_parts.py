@@ -334,3 +334,16 @@ def test_worker_reports_blocks_it_could_not_fill(runtime: StoreRuntime) -> None:
     assert worker.take_errors() == {5, 6}
     totals = counters.totals()
     assert (totals.loads, totals.load_errors, totals.load_error_blocks) == (2, 2, 4)
+
+
+def test_scheduler_needs_the_hit_in_every_tensor_parallel_shard(runtime: StoreRuntime) -> None:
+    shards = [kvstore.ModelSpec(shard_name("m", tp_size=2, tp_rank=r), "w1", 2, H, D, torch.bfloat16) for r in range(2)]
+    side = SchedulerSide(runtime.config, runtime, shards, BS, ConnectorCounters(), RequestVersions("w1"))
+    store = runtime.store()
+    assert store is not None
+    prompt = list(range(700, 765))
+    kv = [_rows(len(prompt), layer) for layer in range(2)]
+    runtime.submit(store.save_prefix(shards[0], prompt, kv)).result()
+    assert _ask(side, _request("one-shard", prompt)) == 0  # rank 1 would have nothing to load
+    runtime.submit(store.save_prefix(shards[1], prompt[:40], [(k[:40], v[:40]) for k, v in kv])).result()
+    assert _ask(side, _request("both", prompt)) == 32  # the shorter shard's hit, in whole blocks
