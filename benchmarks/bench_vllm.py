@@ -142,6 +142,7 @@ def engine(model: Path, max_len: int, connector: dict[str, Any] | None) -> Itera
         max_model_len=max_len,
         enforce_eager=True,
         kv_cache_memory_bytes=2 << 30,
+        max_num_batched_tokens=max_len,  # one step per prefill: ExampleConnector saves only a prompt's first step
         seed=0,
         **kwargs,
     )
