@@ -12,6 +12,7 @@ output file as JSON.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines: start in seconds
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -81,6 +83,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
             rows.append({"tokens": list(o.token_ids), "logprobs": logprobs, "cached": r.num_cached_tokens})
         out["steps"][step["name"]] = {"seconds": seconds, "rows": rows}
     connectors = {}
+    vllm_config = llm.llm_engine.vllm_config
     if has_kv_transfer_group():
         connectors = {
             "worker": get_kv_transfer_group(),
@@ -89,9 +92,26 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     llm.llm_engine.engine_core.shutdown()  # the connector waits for its uploads here
     for role, connector in connectors.items():  # counted after the uploads finished
         out[role] = connector.totals().as_dict()
+    if connectors and spec.get("metrics"):
+        out["metrics"] = export_metrics(type(connectors["worker"]), vllm_config, out["worker"])
     del llm
     gc.collect()
     return out
+
+
+def export_metrics(cls: Any, vllm_config: Any, totals: dict[str, Any]) -> dict[str, Any]:
+    """The connector's counters through vLLM's stats hooks (aggregated twice) and its Prometheus hook."""
+    stats = cls.build_kv_connector_stats(dict(totals))
+    reduced = stats.aggregate(cls.build_kv_connector_stats(dict(totals))).reduce()
+    registry = CollectorRegistry()
+    types = {kind: functools.partial(kind, registry=registry) for kind in (Counter, Gauge, Histogram)}
+    prom = cls.build_prom_metrics(vllm_config, types, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(totals, 0)
+    samples = {
+        name: registry.get_sample_value(f"vllm:kvstore_{name}_total", {"model_name": "m", "engine": "0"})
+        for name in ("lookups", "loads", "load_bytes", "saves")
+    }
+    return {"reduced": reduced, "prometheus": samples}
 
 
 def main(job: dict[str, Any]) -> None:

@@ -164,6 +164,7 @@ def runs(
                     "name": "b_local",
                     "model": str(model),
                     "connector": local,
+                    "metrics": True,
                     "steps": [_step("p1", _prompt(P1)), sys_steps[1], _step("p1_salted", _prompt(P1, "tenant-a"))],
                 },
                 {
@@ -231,6 +232,23 @@ def test_shared_system_prompt_gives_partial_hits_in_one_batch(runs: dict[str, An
     # step's batch size changes bf16 rounding in the last digits: logprobs agree to 1e-3.
     for got, want in zip(rows, ref, strict=True):
         assert torch.allclose(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), rtol=0, atol=1e-3)
+
+
+def test_counters_reach_vllm_stats_and_prometheus(runs: dict[str, Any]) -> None:
+    worker, metrics = runs["b_local"]["worker"], runs["b_local"]["metrics"]
+    # P1 and the batch: its second prompt loads too, unless admitted a step later, when vLLM's own
+    # cache already holds the first one's blocks. Every load the scheduler planned ran.
+    assert worker["loads"] in (2, 3)
+    assert worker["loads"] == runs["b_local"]["scheduler"]["lookup_hits"]
+    assert worker["load_bytes"] > 0
+    assert worker["load_seconds"] > 0
+    assert metrics["reduced"]["loads"] == 2 * worker["loads"]  # aggregated from two workers' stats
+    assert metrics["reduced"]["load_bytes"] == 2 * worker["load_bytes"]
+    assert metrics["reduced"]["load_gb_per_s"] > 0
+    prometheus = metrics["prometheus"]
+    assert prometheus["loads"] == worker["loads"]
+    assert prometheus["load_bytes"] == worker["load_bytes"]
+    assert prometheus["saves"] == worker["saves"] == 3  # the batch's new questions, and P1 under the salt
 
 
 def test_damaged_object_is_recomputed_and_counted(runs: dict[str, Any]) -> None:
