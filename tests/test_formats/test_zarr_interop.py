@@ -452,12 +452,11 @@ async def test_zarr_json_is_as_documented(tmp_path: Path) -> None:
 @pytest.mark.parametrize("codec", CODECS)
 async def test_documented_request_counts(store_url: Any, backend: str, codec: str) -> None:
     """FORMAT.md section 10: per chunk, save 1 HEAD + 2 PUTs, whole load 1 HEAD + 1 GET, layer-pipelined
-    load 1 HEAD + 2 ranged GETs; a local directory reads with pread (+ preadv) instead."""
+    load 1 HEAD + 2 ranged GETs; a local directory reads with pread + preadv in the same request counts."""
     layers, full = 3, 4
     spec = ModelSpec("m", "v1", layers, 4, 64, torch.float16)  # 16 KiB per layer: a first range cannot hold all
     tokens = list(range(16 * full))
     kv = _kv(spec, len(tokens))
-    local = backend == "local"
     async with kvstore.open(
         store_url.url, storage_options=store_url.storage_options, codec=codec, chunk_tokens=16
     ) as s:
@@ -487,7 +486,7 @@ async def test_documented_request_counts(store_url: Any, backend: str, codec: st
         st = s.stats()
         assert hit.num_tokens == len(tokens)
         assert st.requests_head - before.requests_head == full
-        assert st.requests_get - before.requests_get == full * (2 if local else 1)  # pread + preadv, or one GET
+        assert st.requests_get - before.requests_get == full  # one GET, or (local) pread + preadv in one call
         assert (st.requests_list, st.requests_put) == (before.requests_list, before.requests_put)
 
         before = s.stats()
@@ -496,8 +495,8 @@ async def test_documented_request_counts(store_url: Any, backend: str, codec: st
         st = s.stats()
         assert got == list(range(layers))
         assert st.requests_head - before.requests_head == full
-        ranged = 3 if local else 2  # local: a pread, then layer 0 and the rest (preadv, or pread when compressed)
-        assert st.requests_get - before.requests_get == full * ranged
+        # two ranged GETs; local: the head and layer 0 in one call, then the rest
+        assert st.requests_get - before.requests_get == full * 2
 
         # A tail chunk costs one more object: its marker.
         before = s.stats()
