@@ -97,7 +97,7 @@ def stats_command(ctx: click.Context, url: str, storage_option: tuple[str, ...],
 @click.command("verify")
 @store_arguments
 @click.option("--model", "models", multiple=True, metavar="NAME@VERSION", help="Only this model version (repeatable).")
-@click.option("--repair", is_flag=True, help="Delete damaged chunks so they are refetched as misses.")
+@click.option("--repair", is_flag=True, help="Delete damaged chunks (refetched as misses); rewrite missing zarr.json.")
 @click.option("--concurrency", default=16, show_default=True, type=click.IntRange(min=1), help="Chunks in flight.")
 @click.pass_context
 def verify_command(
@@ -109,9 +109,12 @@ def verify_command(
     repair: bool,
     concurrency: int,
 ) -> None:
-    """Re-read every committed chunk; check records, zarr metadata, sizes and checksums.
+    """Re-read every chunk's data object; check its index, header, sizes and checksums.
 
-    Exit code 3 when damaged chunks were found and not repaired.
+    A missing or unreadable zarr.json is reported apart (stock zarr cannot read
+    that chunk; kvstore can) and rewritten with --repair; one that differs from
+    what this version writes is left alone. Exit code 3 when damaged chunks were
+    found and not repaired.
     """
     from kvstore.gc import VerifyReport, verify_store
     from kvstore.storage import open_object_store
@@ -145,5 +148,8 @@ def verify_command(
             f"{report.chunks_checked:,} chunks checked ({fmt_bytes(report.bytes_read)} read), "
             f"{len(report.damaged):,} damaged{action}; took {report.elapsed:.2f}s"
         )
+        if report.metadata_problems:
+            fixed = f", {report.metadata_rewritten:,} rewritten (--repair)" if repair else ""
+            console.print(f"{report.metadata_problems:,} chunks with a missing or unreadable zarr.json{fixed}")
     if report.damaged and not repair:
         ctx.exit(EXIT_DAMAGED)

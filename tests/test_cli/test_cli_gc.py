@@ -227,3 +227,30 @@ def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: An
     bad = subprocess.run([exe, "ls", "s3://no-such-bucket-kvstore/x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1
+
+
+def test_verify_repair_leaves_chunks_whose_zarr_json_differs(tmp_path: Path) -> None:
+    """zarr.json is not part of kvstore's format: another writer's (an extra attribute, other formatting) is no
+    damage, so ``verify --repair`` keeps the chunk; a missing or unreadable one is rewritten, the data untouched."""
+    url = str(tmp_path / "s")
+    _make_store(url)
+    keys = chunk_keys(NEW, normalize_tokens(TOKENS), 16)
+    prefixes = [tmp_path / "s" / chunk_prefix(model_id(NEW), k.digest) for k in keys]
+    other = json.loads((prefixes[0] / "zarr.json").read_text())
+    other["attributes"]["written_by"] = "another writer"
+    (prefixes[0] / "zarr.json").write_text(json.dumps(other))  # additive change, other formatting
+    (prefixes[1] / "zarr.json").unlink()  # missing
+    (prefixes[2] / "zarr.json").write_bytes(b"\xff not json")  # unreadable
+    data = [(p / "c.0.0.0.0.0").read_bytes() for p in prefixes]
+
+    out = _invoke("verify", url, "--model", "tiny-llama@v2", "--repair", "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert (report["chunks_checked"], report["chunks_damaged"], report["chunks_repaired"]) == (3, 0, 0)
+    assert (report["metadata_problems"], report["metadata_rewritten"]) == (2, 2)
+    assert [(p / "c.0.0.0.0.0").read_bytes() for p in prefixes] == data  # no chunk deleted
+    assert json.loads((prefixes[0] / "zarr.json").read_text()) == other  # another writer's metadata kept
+    for p in prefixes[1:]:
+        assert json.loads((p / "zarr.json").read_text())["zarr_format"] == 3  # written again
+    with kvstore.sync.open(url) as store:
+        assert store.load_prefix(NEW, TOKENS).num_tokens == 40
