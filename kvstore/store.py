@@ -46,7 +46,7 @@ from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectStore
 from kvstore.storage.instrumented import InstrumentedObjectStore, storage_layers
 from kvstore.storage.resilient import ResilientObjectStore, RetryStats
-from kvstore.storage.tiers import TierStats
+from kvstore.storage.tiers import TieredObjectStore, TierStats
 from kvstore.tensors import byte_view, check_kv
 from kvstore.writeback import SaveHandle, WriteBack
 
@@ -145,12 +145,14 @@ class KVStore:
         """A snapshot of this store's counters, with those of its retry and cache-tier layers."""
         c = self._counters
         extra: dict[str, Any] = {}
-        layer: object = self._backend
-        while layer is not None:  # the wrappers opening.py stacked: tiers over retries over the backend
-            for counters in (getattr(layer, "stats", None), getattr(layer, "tier_stats", None)):
-                if isinstance(counters, (RetryStats, TierStats)):
-                    extra.update({f.name: getattr(counters, f.name) for f in fields(counters)})
-            layer = getattr(layer, "source", None) or getattr(layer, "inner", None)
+        for layer in storage_layers(self._backend):  # the wrappers opening.py stacked, by type
+            counters: RetryStats | TierStats | None = None
+            if isinstance(layer, ResilientObjectStore):
+                counters = layer.stats
+            elif isinstance(layer, TieredObjectStore):
+                counters = layer.tier_stats
+            if counters is not None:
+                extra.update({f.name: getattr(counters, f.name) for f in fields(counters)})
         pool = self._stagings.pool
         if pool is not None:
             ps = pool.stats()
