@@ -105,12 +105,12 @@ class ChunkReader:
             return None if meta is None else meta.size
 
         keys = chunk_keys(spec, tokens, self.chunk_tokens, include_tail=True)
-        found = await run_all(probe(k) for k in keys)
+        found = await self.requests.head_many([data_path(chunk_prefix(mid, k.digest)) for k in keys])
         hits: list[Hit] = []
-        for key, size in zip(keys, found, strict=True):
-            if size is None:
+        for key, meta in zip(keys, found, strict=True):
+            if meta is None:
                 break
-            hits.append(Hit(key, size))
+            hits.append(Hit(key, meta.size))
         if len(hits) < len(keys):
             tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], probe)
             if tail is not None:

@@ -115,6 +115,14 @@ class Requests:
             self.counters.requests_head += 1
             return await self.backend.head(key)
 
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        """One concurrent round of HEADs; a backend that batches them answers in one request (counted per key)."""
+        if not self.backend.batches_heads:
+            return list(await asyncio.gather(*(self.head(k) for k in keys)))
+        async with self._limit():
+            self.counters.requests_head += len(keys)
+            return await self.backend.head_many(keys)
+
     async def get(self, key: str) -> bytes:
         async with self._limit():
             self.counters.requests_get += 1

@@ -269,7 +269,7 @@ class KVStore:
             return SaveResult(0, 0, 0, 0, 0)
         mid = model_id(spec)
         await self._ensure_model_record(spec, mid)
-        present = [m is not None for m in await run_all(self._requests.head(self._data_key(mid, k)) for k in keys)]
+        present = [m is not None for m in await self._requests.head_many([self._data_key(mid, k) for k in keys])]
         # Chunks after the first missing one are rewritten, not skipped: while the chain had a gap
         # they were unreachable, and rewriting refreshes their mtime so a concurrent GC's grace
         # period protects them (see "Garbage collection" in docs/FORMAT.md).

@@ -33,6 +33,8 @@ class ObjectStore(ABC):
     reads_into_buffers: bool = False
     """True when ``get_into`` / ``get_range_into`` read straight into caller memory (no intermediate copy)."""
     has_cache_tiers: bool = False
+    batches_heads: bool = False
+    """True when ``head_many`` answers many keys in one call (a local directory: one worker-thread hop)."""
     """True when some reads may be served by a cache tier in front of the source (see ``drop_cached``)."""
 
     async def drop_cached(self, key: str) -> None:  # noqa: B027 - optional hook with a default
@@ -117,6 +119,10 @@ class ObjectStore(ABC):
     @abstractmethod
     async def head(self, key: str) -> ObjectMeta | None:
         """Metadata of the object at ``key``, or None when there is none."""
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        """``head`` of every key, in order. Backends that can answer many at once override this."""
+        return list(await asyncio.gather(*(self.head(k) for k in keys)))
 
     @abstractmethod
     def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:

@@ -61,7 +61,7 @@ class FsspecObjectStore(ObjectStore):
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get_range"):
             data = await self._call("cat_file", self._path(key), start=start, end=end)
         return bytes(data)
 

@@ -92,6 +92,7 @@ class InstrumentedObjectStore(ObjectStore):
         self.url = inner.url
         self.reads_into_buffers = inner.reads_into_buffers
         self.has_cache_tiers = inner.has_cache_tiers
+        self.batches_heads = inner.batches_heads
         self._clock = clock
         self._recorders = {op: _Recorder() for op in OPERATIONS}
 
@@ -156,6 +157,11 @@ class InstrumentedObjectStore(ObjectStore):
 
     async def head(self, key: str) -> ObjectMeta | None:
         return await self._timed("head", self.inner.head(key))
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        if not self.inner.batches_heads:  # timed one by one
+            return await super().head_many(keys)
+        return await self._timed("head", self.inner.head_many(keys))
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         """Timed from the call to the end of the listing: one request however many pages.

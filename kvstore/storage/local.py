@@ -30,6 +30,7 @@ class LocalObjectStore(ObjectStore):
     """Objects are files under ``root``; keys map to relative paths."""
 
     reads_into_buffers = True
+    batches_heads = True
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -40,14 +41,14 @@ class LocalObjectStore(ObjectStore):
         return self.root / key
 
     async def get(self, key: str) -> bytes:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get"):
             try:
                 return await asyncio.to_thread(self._path(key).read_bytes)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get_range"):
             try:
                 return await asyncio.to_thread(self._pread, self._path(key), start, end)
             except _NO_OBJECT as exc:
@@ -66,7 +67,7 @@ class LocalObjectStore(ObjectStore):
     async def get_range_into(
         self, key: str, start: int, buffers: Sequence[memoryview], *, then: Callable[[int], None] | None = None
     ) -> int:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get_range_into"):
             try:
                 return await asyncio.to_thread(self._preadv_then, self._path(key), start, buffers, then)
             except _NO_OBJECT as exc:
@@ -80,7 +81,7 @@ class LocalObjectStore(ObjectStore):
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "get_planned"):
             try:
                 return await asyncio.to_thread(self._planned, self._path(key), head, plan, then)
             except _NO_OBJECT as exc:
@@ -132,7 +133,7 @@ class LocalObjectStore(ObjectStore):
             os.close(fd)
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "put"):
             return await asyncio.to_thread(self._write, self._path(key), parts, create_only)
 
     @staticmethod
@@ -149,7 +150,7 @@ class LocalObjectStore(ObjectStore):
         return tmp
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "put"):
             return await asyncio.to_thread(self._write, self._path(key), [memoryview(data)], create_only)
 
     def _write(self, path: Path, parts: Sequence[memoryview], create_only: bool) -> bool:
@@ -177,7 +178,7 @@ class LocalObjectStore(ObjectStore):
                 tmp.unlink(missing_ok=True)
 
     async def head(self, key: str) -> ObjectMeta | None:
-        with translate_errors(self.url, key):
+        with translate_errors(self.url, key, "head"):
             try:
                 st = await asyncio.to_thread(os.stat, self._path(key))
             except _NO_OBJECT:
@@ -186,12 +187,28 @@ class LocalObjectStore(ObjectStore):
                 return None
             return ObjectMeta(key, st.st_size, st.st_mtime)
 
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        """Every ``stat`` in one worker-thread call: a lookup of a long prompt costs one thread hop."""
+        with translate_errors(self.url, keys[0] if keys else "", "head"):
+            return await asyncio.to_thread(self._stat_all, keys)
+
+    def _stat_all(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        out: list[ObjectMeta | None] = []
+        for key in keys:
+            try:
+                st = os.stat(self._path(key))
+            except _NO_OBJECT:
+                out.append(None)
+                continue
+            out.append(ObjectMeta(key, st.st_size, st.st_mtime) if stat.S_ISREG(st.st_mode) else None)
+        return out
+
     async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         start = self._path(prefix.rstrip("/")) if prefix else self.root
         pending = [start]
         while pending:
             directory = pending.pop()
-            with translate_errors(self.url, str(directory)):
+            with translate_errors(self.url, str(directory), "list"):
                 try:
                     entries = await asyncio.to_thread(_scan, directory)
                 except (FileNotFoundError, NotADirectoryError):
@@ -203,7 +220,7 @@ class LocalObjectStore(ObjectStore):
                     yield ObjectMeta(path.relative_to(self.root).as_posix(), size, mtime)
 
     async def delete(self, keys: Sequence[str]) -> None:
-        with translate_errors(self.url, keys[0] if keys else ""):
+        with translate_errors(self.url, keys[0] if keys else "", "delete"):
             await asyncio.to_thread(self._unlink_all, keys)
 
     def _unlink_all(self, keys: Sequence[str]) -> None:

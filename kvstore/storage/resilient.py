@@ -153,6 +153,7 @@ class ResilientObjectStore(ObjectStore):
         self.url = inner.url
         self.reads_into_buffers = inner.reads_into_buffers
         self.has_cache_tiers = inner.has_cache_tiers
+        self.batches_heads = inner.batches_heads
         self.stats = RetryStats()
         self.breaker = CircuitBreaker(self.policy.breaker_threshold, self.policy.breaker_cooldown, self.stats, clock)
 
@@ -256,6 +257,11 @@ class ResilientObjectStore(ObjectStore):
 
     async def head(self, key: str) -> ObjectMeta | None:
         return await self._request(key, lambda: self.inner.head(key))
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        if not self.inner.batches_heads:  # one retried request per key
+            return await super().head_many(keys)
+        return await self._request(keys[0] if keys else "", lambda: self.inner.head_many(keys))
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         """Retried until the first entry arrives; a failure after that propagates (no duplicates)."""

@@ -96,6 +96,7 @@ class TieredObjectStore(ObjectStore):
         disk: DiskTier | None = None,
     ) -> None:
         self.source = source
+        self.batches_heads = source.batches_heads
         self.disk = disk
         self.url = source.url
         self._cacheable = cacheable
@@ -200,6 +201,9 @@ class TieredObjectStore(ObjectStore):
     async def head(self, key: str) -> ObjectMeta | None:
         """Existence is the source's answer: retirement, GC and repair act there."""
         return await self.source.head(key)
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectMeta | None]:
+        return await self.source.head_many(keys)
 
     def list(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         return self.source.list(prefix)

@@ -153,6 +153,12 @@ class TestObjectStoreConformance:
         assert await store.head("a/b") is None
         assert await store.head("a") is None
 
+    async def test_head_many_answers_each_key_in_order(self, store: ObjectStore) -> None:
+        await store.put("a/x", b"12")
+        await store.put("a/y/z", b"123")
+        metas = await store.head_many(["a/y/z", "missing", "a/x", "a/y"])
+        assert [(m.key, m.size) if m else None for m in metas] == [("a/y/z", 3), None, ("a/x", 2), None]
+
     # ------------------------------------------------------------------ ranges
 
     async def test_get_range_returns_the_bytes_in_range(self, store: ObjectStore) -> None:
