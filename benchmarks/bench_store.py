@@ -152,6 +152,13 @@ class Floor:
             for call in calls:
                 tg.create_task(one(call))
 
+    def clear(self) -> None:
+        """Remove the floor's objects (local, memory): each save writes new files, as kvstore's does."""
+        if self.backend == "local":
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.fs is not None and self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
     async def put(self, p: Payload) -> None:
         async def one(c: int) -> None:
             parts = chunk_layers(p, p.kv, c)
@@ -183,6 +190,12 @@ class Floor:
                 await asyncio.to_thread(_scatter, memoryview(data), dest)
 
         await self._fan([lambda c=c: one(c) for c in range(p.chunks)])
+
+
+def settle(backend: str) -> None:
+    """Before a timed local save: write back the dirty pages of the last one, so it does not slow this one."""
+    if backend == "local":
+        os.sync()
 
 
 def _write(path: str, parts: list[memoryview]) -> None:
@@ -270,17 +283,20 @@ async def bench(
     s3 = (floor_root, floor_s3) if backend == "s3" and floor_s3 is not None else None
     async with Floor(backend, floor_root if backend != "s3" else uuid.uuid4().hex[:8], args.max_concurrency, s3) as fl:
         url = ""
+        so: dict[str, Any] | None = None
         for rep in range(-1, args.reps):  # rep -1: warm-up
+            if url and backend == "local":
+                shutil.rmtree(url, ignore_errors=True)  # the last repetition's store stays for the loads
+            settle(backend)
             url, so = where(f"save-{rep + 1}")
             async with kvstore.open(url, storage_options=so, **opts) as store:
                 before = store.stats()
                 s, c, res = await timed(store.save_prefix(p.spec, p.tokens, p.kv))
                 assert res.chunks_written == p.chunks, res
-                rows[
-                    "save"
-                ].requests = (
-                    f"{per_chunk(before, store.stats(), p.chunks)} ({res.objects_written / p.chunks:.2f} objects)"
-                )
+                objects = res.objects_written / p.chunks
+                rows["save"].requests = f"{per_chunk(before, store.stats(), p.chunks)} ({objects:.2f} objects)"
+            fl.clear()
+            settle(backend)
             f, _, _ = await timed(fl.put(p))
             if rep >= 0:
                 rows["save"].kv.append(s)
