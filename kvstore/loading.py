@@ -335,6 +335,8 @@ async def _load_chunk(
         if j >= state.first_bad:
             return
         waiter = services.shared.follow(path, flat)
+        if waiter is not None:
+            state.unbar(j)
         if waiter is not None and await waiter:  # another load's read in flight filled our buffers
             state.progress(j, spec.num_layers)
             return
@@ -349,7 +351,9 @@ async def _load_chunk(
             state.progress(j, layers)
 
         try:
-            await services.reader.read_chunk(spec, mid, hit, dest, split=split, progress=progress)
+            await services.reader.read_chunk(
+                spec, mid, hit, dest, split=split, progress=progress, before_rest=state.layer0_complete
+            )
             if owner:
                 services.counters.reads_shared += services.shared.deliver(path, flat)
                 delivered = True
@@ -372,6 +376,8 @@ class LoadState:
 
     __slots__ = (
         "_changed",
+        "_layer0",
+        "_unbarred",
         "bytes_read",
         "chunks_done",
         "cut",
@@ -396,6 +402,8 @@ class LoadState:
         self.num_layers = 0
         self.chunks_done = 0
         self._changed = asyncio.Event()
+        self._layer0 = asyncio.Event()  # layer 0 of every chunk of the hit is complete
+        self._unbarred: set[int] = set()  # chunks that wait on another load's read: never wait for them
 
     def start(self, num_chunks: int, num_layers: int) -> None:
         self.first_bad = self.cut = num_chunks
@@ -404,6 +412,22 @@ class LoadState:
 
     def notify(self) -> None:
         self._changed.set()
+        if not self._layer0.is_set() and (
+            self.failure is not None
+            or all(d >= 1 or j in self._unbarred for j, d in enumerate(self.layers_done[: self.first_bad]))
+        ):
+            self._layer0.set()
+
+    def unbar(self, chunk: int) -> None:
+        """``chunk`` follows another load's read: the layer-0 barrier must not wait for it (that load may
+        itself be waiting at its own barrier for one of ours)."""
+        self._unbarred.add(chunk)
+        self.notify()
+
+    async def layer0_complete(self) -> None:
+        """Until layer 0 is complete in every chunk of the hit: a layer-pipelined load's later layers wait for
+        it, so that they do not compete with the first layer for the store."""
+        await self._layer0.wait()
 
     def progress(self, chunk: int, layers: int) -> None:
         """Chunk ``chunk`` has its first ``layers`` layers complete."""

@@ -142,6 +142,7 @@ class ChunkReader:
         *,
         split: bool,
         progress: Callable[[int, int], None],
+        before_rest: Callable[[], Awaitable[None]] | None = None,
     ) -> int:
         """Read, verify and decode chunk ``hit`` into ``dest`` (one (K, V) byte pair per layer): bytes read.
 
@@ -154,14 +155,14 @@ class ChunkReader:
         """
         path = data_path(chunk_prefix(mid, hit.key.digest))
         try:
-            return await self._read(spec, mid, hit, path, dest, split, progress)
+            return await self._read(spec, mid, hit, path, dest, split, progress, before_rest)
         except IntegrityError:
             backend = self.requests.backend
             if not backend.has_cache_tiers:
                 raise
         self.requests.counters.cache_rereads += 1
         await backend.drop_cached(path)
-        return await self._read(spec, mid, hit, path, dest, split, progress)
+        return await self._read(spec, mid, hit, path, dest, split, progress, before_rest)
 
     async def _read(
         self,
@@ -172,8 +173,10 @@ class ChunkReader:
         dest: list[LayerBytes],
         split: bool,
         progress: Callable[[int, int], None],
+        before_rest: Callable[[], Awaitable[None]] | None,
     ) -> int:
-        """One attempt at ``read_chunk``; ``progress(layers complete, bytes read so far)``."""
+        """One attempt at ``read_chunk``; ``progress(layers complete, bytes read so far)``; with ``split``,
+        the read of the later layers waits for ``before_rest()``."""
         req, nl = self.requests, spec.num_layers
         groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
         if req.reads_into_buffers:  # a local file: one request reads the head and the first group of layers
@@ -190,6 +193,8 @@ class ChunkReader:
             got = head.data_start + filled
             progress(groups[0][1], got)
             for a, b in groups[1:]:
+                if before_rest is not None:
+                    await before_rest()
                 start, buffers, finish = self._plan(head, check_chunk_head(head, spec, mid, hit.key), dest, a, b)
                 got += await req.get_range_into(path, start, buffers, then=finish, priority=1)
                 progress(b, got)
@@ -216,6 +221,8 @@ class ChunkReader:
         progress(ready, len(first))
         if ready == nl:
             return len(first)
+        if before_rest is not None:
+            await before_rest()
         later = await req.get_range(path, len(first), hit.size, priority=1)
         whole = memoryview(bytes(first) + later)  # layers may lie anywhere after the first range
         progress(ready, len(whole))

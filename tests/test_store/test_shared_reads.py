@@ -169,3 +169,29 @@ def test_shared_reads_bookkeeping() -> None:
         reads.abandon("y")
 
     asyncio.run(run())
+
+
+async def test_overlapping_layer_streams_share_reads_without_waiting_on_each_other(
+    store_url: tuple[str, Any],
+    make_spec: Callable[..., Spec],
+    make_kv: Callable[..., KV],
+    counting_store: type,
+    assert_kv_equal: Callable[..., None],
+) -> None:
+    """Layer-pipelined loads hold their later layers until layer 0 is complete; a chunk that follows another
+    load's read must not count against that barrier, or two loads sharing chunks could wait on each other."""
+    spec, backend, store, [(a, kv_a), (b, kv_b)] = await _setup(store_url, make_spec, make_kv, counting_store)
+    backend.open_all()
+
+    async def stream(tokens: list[int]) -> KV:
+        async with store.load_prefix_layers(spec, tokens) as layers:
+            return [(k, v) async for _, k, v in layers]
+
+    async with store:
+        for _ in range(5):
+            async with asyncio.timeout(30):
+                got_a, got_b, got_a2 = await asyncio.gather(stream(a), stream(b), stream(a))
+            assert_kv_equal(got_a, kv_a)
+            assert_kv_equal(got_a2, kv_a)
+            assert_kv_equal(got_b, kv_b)
+        assert len(store._loads.shared) == 0
