@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kvstore.hits import HitCounters
 from kvstore.storage import ObjectStore
-from kvstore.storage.base import ObjectMeta
+from kvstore.storage.base import ObjectMeta, ReadPlan
 
 __all__ = ["Counters", "PriorityLimit", "Requests"]
 
@@ -150,7 +150,7 @@ class Requests:
         self,
         key: str,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 from kvstore.storage.translation import translate_errors
 
-__all__ = ["ObjectMeta", "ObjectStore", "translate_errors"]
+__all__ = ["ObjectMeta", "ObjectStore", "ReadPlan", "translate_errors"]
+
+
+ReadPlan = Callable[[bytes], tuple[int, Sequence[memoryview]]]
+"""Given an object's first bytes, where the rest goes: ``(start offset, buffers)`` (see ``get_planned``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ class ObjectStore(ABC):
         self,
         key: str,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvstore.errors import StoreUnavailableError
-from kvstore.storage.base import ObjectMeta, ObjectStore
+from kvstore.storage.base import ObjectMeta, ObjectStore, ReadPlan
 from kvstore.storage.resilient import ResilientObjectStore
 from kvstore.storage.tiers import TieredObjectStore
 
@@ -132,7 +132,7 @@ class InstrumentedObjectStore(ObjectStore):
         self,
         key: str,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from kvstore.errors import ObjectNotFoundError
-from kvstore.storage.base import ObjectMeta, ObjectStore, translate_errors
+from kvstore.storage.base import ObjectMeta, ObjectStore, ReadPlan, translate_errors
 
 __all__ = ["TMP_MARK", "LocalObjectStore"]
 
@@ -77,7 +77,7 @@ class LocalObjectStore(ObjectStore):
         self,
         key: str,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:
@@ -92,7 +92,7 @@ class LocalObjectStore(ObjectStore):
         cls,
         path: Path,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         then: Callable[[int], None] | None,
     ) -> tuple[bytes, int]:
         """``get_planned`` in one worker-thread call: ``pread`` of the head, then one ``preadv``."""

@@ -40,7 +40,7 @@ from kvstore.errors import (
     StorePermissionError,
     StoreUnavailableError,
 )
-from kvstore.storage.base import ObjectMeta, ObjectStore
+from kvstore.storage.base import ObjectMeta, ObjectStore, ReadPlan
 
 __all__ = ["CircuitBreaker", "ResilientObjectStore", "RetryPolicy", "RetryStats"]
 
@@ -240,7 +240,7 @@ class ResilientObjectStore(ObjectStore):
         self,
         key: str,
         head: int,
-        plan: Callable[[bytes], tuple[int, Sequence[memoryview]]],
+        plan: ReadPlan,
         *,
         then: Callable[[int], None] | None = None,
     ) -> tuple[bytes, int]:
