@@ -221,7 +221,7 @@ class ChunkReader:
         progress(ready, len(first))
         if ready == nl:
             return len(first)
-        if before_rest is not None:
+        if before_rest is not None and ready:  # (a first range short of layer 0 must not wait for its own layer 0)
             await before_rest()
         later = await req.get_range(path, len(first), hit.size, priority=1)
         whole = memoryview(bytes(first) + later)  # layers may lie anywhere after the first range
