@@ -101,14 +101,26 @@ def s3_url() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _damage_one_object(root: Path) -> Path:
-    """Flip bytes in the middle of one of the largest stored objects (a chunk's layer data)."""
-    files = sorted((p for p in (root / "chunks").rglob("*") if p.is_file()), key=lambda p: (-p.stat().st_size, str(p)))
-    victim = files[0]
-    data = bytearray(victim.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
-    victim.write_bytes(bytes(data))
-    return victim
+    """Flip bytes in a layer of every chunk #1 of the store (so in P1's, whichever prompts were saved): the
+    lookup (HEADs) still reports the whole prefix, and the load finds the damage; the first victim is returned."""
+    from _vllm_model import SHAPE
+
+    from kvstore.formats.shard import parse_head
+
+    layers = SHAPE["num_hidden_layers"]
+    victims = []
+    for path in sorted((root / "chunks").rglob("c.0.0.0.0.0")):
+        data = bytearray(path.read_bytes())
+        head = parse_head(bytes(data), layers, len(data))
+        if head.header.index != 1:
+            continue
+        span = head.spans[-1]  # the last layer: found only after the first layers were handed out
+        mid = (span.offset + span.end) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+        path.write_bytes(bytes(data))
+        victims.append(path)
+    assert victims, "no chunk #1 in the store"
+    return victims[0]
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +312,6 @@ def test_cli_lists_retires_and_collects_a_store_written_by_vllm(runs: dict[str, 
     assert model["label"].startswith("model@blake3-")
     assert model["chunks"] >= 4  # P1: three whole chunks and a tail; SYS + Q1: a new last chunk
     invoke("retire", url, model["label"], "--reason", "test")
-    invoke("gc", url, "--grace", "0", "--yes")
+    invoke("gc", url, "--grace", "0", "--allow-short-grace", "--yes")
     after = json.loads(invoke("ls", url, "--json").output)["models"]
     assert [(m["status"], m["chunks"]) for m in after] == [("retired", 0)]

@@ -41,6 +41,8 @@ class HeldPuts(LocalObjectStore):
 
 
 class FailingHeads(LocalObjectStore):
+    batches_heads = False  # every HEAD goes through head() (and fails)
+
     async def head(self, key: str) -> ObjectMeta | None:
         raise StoreUnavailableError(f"injected: 503 on HEAD {key}")
 
