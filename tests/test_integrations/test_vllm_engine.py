@@ -280,7 +280,9 @@ def test_unreachable_store_is_a_miss_with_bounded_latency(runs: dict[str, Any]) 
     assert runs["b_down"]["scheduler"]["lookup_failures"] == 1
     assert runs["b_down"]["worker"]["saves_dropped"] == 1
     extra = runs["b_down"]["steps"]["p1"]["seconds"] - runs["b_none"]["steps"]["p1"]["seconds"]
-    assert extra < 5.0  # at most the lookup deadline (2 s) and noise
+    # At most the lookup deadline (2 s) plus noise: the two steps run in separate processes, whose prefill
+    # times differ by seconds on a busy 2-core machine (5.5 s was seen there); a hang would take minutes.
+    assert extra < 10.0
 
 
 def test_new_weights_in_the_same_directory_do_not_hit(runs: dict[str, Any]) -> None:
