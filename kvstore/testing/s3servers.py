@@ -12,7 +12,8 @@ packages (see ``kvstore.testing.rgw``).
 from __future__ import annotations
 
 import contextlib
-import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,18 +88,40 @@ def rgw_server(rgw: RadosGateway) -> S3Server:
     )
 
 
+_MOTO_CHILD = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("%s:%d" % server.get_host_and_port(), flush=True)
+sys.stdin.read()  # until the parent closes our stdin (or dies)
+server.stop()
+"""
+
+
 @contextlib.contextmanager
 def _moto() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
+    """moto's server in a child process of its own, as any S3 server is.
 
-    werkzeug_log = logging.getLogger("werkzeug")  # one INFO line per request otherwise
-    saved_level = werkzeug_log.level
-    werkzeug_log.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    In a thread of the caller's process it would share one GIL with the client:
+    every request's server work would stall the client's event loop, which makes
+    request-heavy code look slower than it is against a real server.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
     try:
-        yield S3Server("moto", f"http://{host}:{port}")
+        address = child.stdout.readline().strip()
+        if not address:
+            raise RuntimeError(f"moto's server did not start (exit status {child.wait(timeout=30)})")
+        yield S3Server("moto", f"http://{address}")
     finally:
-        server.stop()
-        werkzeug_log.setLevel(saved_level)
+        child.stdin.close()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
