@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.hits import HitCounters
+from kvstore.probing import find_first_missing
 from kvstore.storage import ObjectStore
 from kvstore.storage.base import ObjectMeta, ReadPlan
 
@@ -122,6 +123,16 @@ class Requests:
         async with self._limit():
             self.counters.requests_head += len(keys)
             return await self.backend.head_many(keys)
+
+    async def find_first_missing(self, keys: Sequence[str]) -> tuple[int, dict[int, ObjectMeta | None]]:
+        """The first missing object of a chain of ``keys`` and what was HEADed (``kvstore.probing``).
+
+        A backend that batches HEADs answers every key in one request: it HEADs all.
+        """
+        if self.backend.batches_heads:
+            metas = await self.head_many(keys)
+            return next((i for i, m in enumerate(metas) if m is None), len(keys)), dict(enumerate(metas))
+        return await find_first_missing(self.head_many, keys)
 
     async def get(self, key: str) -> bytes:
         async with self._limit():

@@ -43,7 +43,7 @@ from kvstore.registry import Registry, read_registry, retire_models
 from kvstore.requests import Counters, Requests
 from kvstore.results import LayerKV, LoadResult, ModelInfo, RequestStats, SaveResult, StoreStats
 from kvstore.spec import ModelSpec
-from kvstore.storage import ObjectStore
+from kvstore.storage import ObjectMeta, ObjectStore
 from kvstore.storage.instrumented import InstrumentedObjectStore, storage_layers
 from kvstore.storage.resilient import ResilientObjectStore, RetryStats
 from kvstore.storage.tiers import TieredObjectStore, TierStats
@@ -269,11 +269,11 @@ class KVStore:
             return SaveResult(0, 0, 0, 0, 0)
         mid = model_id(spec)
         await self._ensure_model_record(spec, mid)
-        present = [m is not None for m in await self._requests.head_many([self._data_key(mid, k) for k in keys])]
+        first_gap, seen = await self._requests.find_first_missing([self._data_key(mid, k) for k in keys])
         # Chunks after the first missing one are rewritten, not skipped: while the chain had a gap
         # they were unreachable, and rewriting refreshes their mtime so a concurrent GC's grace
-        # period protects them (see "Garbage collection" in docs/FORMAT.md).
-        first_gap = present.index(False) if False in present else len(keys)
+        # period protects them (see "Garbage collection" in docs/FORMAT.md). Those not HEADed
+        # (probing) are created, or rewritten when they turn out to be there.
         missing = keys[first_gap:]
         written: list[tuple[int, int]] = []
         if missing:
@@ -281,7 +281,7 @@ class KVStore:
             async with self._stagings.for_kv(kv).transfers() as transfers:
                 host = await transfers.to_host(kv, base)
                 written = await run_all(
-                    self._write_chunk(spec, mid, key, host, base, refresh=present[first_gap + i])
+                    self._write_chunk(spec, mid, key, host, base, present=_presence(seen, first_gap + i))
                     for i, key in enumerate(missing)
                 )
         nwritten = sum(1 for _, n in written if n)  # a concurrent writer may have created some first
@@ -319,13 +319,14 @@ class KVStore:
         self._live_checked[mid] = now
 
     async def _write_chunk(
-        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int, *, refresh: bool
+        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int, *, present: bool | None
     ) -> tuple[int, int]:
         """Write a chunk's zarr.json, then its data object (the commit point); return (bytes, objects).
 
         The data object is written create-only, so of concurrent writers of one
-        chunk the first wins and the others skip it; ``refresh`` (a chunk present
-        after a gap in its chain) overwrites it instead, which renews its mtime.
+        chunk the first wins and the others skip it. A chunk ``present`` after a
+        gap in its chain is overwritten instead, which renews its mtime; one not
+        HEADed (None) is created, and overwritten if it turns out to be there.
         """
         prefix = chunk_prefix(mid, key.digest)
         row = spec.row_bytes
@@ -337,7 +338,10 @@ class KVStore:
         parts = await asyncio.to_thread(lambda: data_object(header, encode_layers(self._codec, layers, itemsize)))
         meta = zarr_array_metadata(spec, key.num_tokens, self._codec.name)
         await self._requests.put(prefix + ZARR_JSON, meta)
-        if not await self._requests.put_parts(data_path(prefix), parts, create_only=not refresh):
+        created = await self._requests.put_parts(data_path(prefix), parts, create_only=present is not True)
+        if not created and present is None:  # there after the gap: renew its mtime
+            created = await self._requests.put_parts(data_path(prefix), parts)
+        if not created:
             return len(meta), 0  # another writer committed it first
         nbytes, nobjects = len(meta) + sum(len(p) for p in parts), 2
         if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
@@ -488,3 +492,8 @@ class KVStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _presence(seen: dict[int, ObjectMeta | None], i: int) -> bool | None:
+    """Whether chunk ``i`` was HEADed present, absent, or not HEADed (None)."""
+    return None if i not in seen else seen[i] is not None
