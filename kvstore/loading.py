@@ -1,7 +1,7 @@
 """Loading a prefix layer by layer: the one loader behind ``load_prefix``, ``load_prefix_layers`` and ``prefetch``.
 
 A load finds the chain with one round of HEADs (which fixes the hit's length;
-a whole load from S3 probes long chains, ``kvstore.probing``, and a chunk found
+a load from S3 probes long chains, ``kvstore.probing``, and a chunk found
 missing shortens it), then reads every chunk's data object at once under the store's request limit,
 in chunk order: one request per chunk for a whole load, or two for a
 layer-pipelined one (layer 0 first). ``LayerStream`` hands the layers out in
@@ -261,7 +261,7 @@ class LayerStream:
         pending = self._pending
         hits: list[Hit] = []
         if pending is None or pending.num_tokens < len(self._tokens):  # else nothing stored can be longer
-            hits = await services.reader.find_chain(spec, mid, self._tokens, exact=self._split)
+            hits = await services.reader.find_chain(spec, mid, self._tokens, probe=True)
         if pending is not None and pending.num_tokens > (hits[-1].key.end if hits else 0):
             self.num_tokens = pending.num_tokens
             self._host = list(pending.host)

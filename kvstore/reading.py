@@ -98,21 +98,21 @@ class ChunkReader:
 
     # ------------------------------------------------------------------ finding the chain
 
-    async def find_chain(self, spec: ModelSpec, mid: bytes, tokens: np.ndarray, *, exact: bool = True) -> list[Hit]:
+    async def find_chain(self, spec: ModelSpec, mid: bytes, tokens: np.ndarray, *, probe: bool = False) -> list[Hit]:
         """The longest run of present chunks from the start (one round of HEADs, one LIST if it stops short).
 
-        Not ``exact``: where whole reads need no sizes (S3, memory), the chain is
+        With ``probe``, where each HEAD is a request (S3, memory) a long chain is
         probed (``kvstore.probing``) and the hits between probes have no size; a
         chunk that turns out to be missing ends the load there.
         """
 
-        async def probe(key: ChunkKey) -> int | None:
+        async def size_of(key: ChunkKey) -> int | None:
             meta = await self.requests.head(data_path(chunk_prefix(mid, key.digest)))
             return None if meta is None else meta.size
 
         keys = chunk_keys(spec, tokens, self.chunk_tokens, include_tail=True)
         paths = [data_path(chunk_prefix(mid, k.digest)) for k in keys]
-        if exact or self.requests.reads_into_buffers:
+        if not probe or self.requests.reads_into_buffers:
             found = await self.requests.head_many(paths)
             end = next((i for i, m in enumerate(found) if m is None), len(keys))
             seen = dict(enumerate(found))
@@ -120,7 +120,7 @@ class ChunkReader:
             end, seen = await self.requests.find_first_missing(paths)
         hits = [Hit(key, None if (m := seen.get(i)) is None else m.size) for i, key in enumerate(keys[:end])]
         if len(hits) < len(keys):
-            tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], probe)
+            tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], size_of)
             if tail is not None:
                 hits.append(Hit(*tail))
         return hits
@@ -186,8 +186,8 @@ class ChunkReader:
         """One attempt at ``read_chunk``; ``progress(layers complete, bytes read so far)``; with ``split``,
         the read of the later layers waits for ``before_rest()``."""
         req, nl = self.requests, spec.num_layers
-        if hit.size is None and (split or req.reads_into_buffers):  # a bug, not damage: never "repair" it
-            raise RuntimeError("a probed chunk has no size: only whole reads that need none may read it")
+        if hit.size is None and req.reads_into_buffers:  # a bug, not damage: never "repair" it
+            raise RuntimeError("a probed chunk has no size: a store that reads into buffers HEADs every chunk")
         size = hit.size or 0
         groups = [(0, 1), (1, nl)] if split and nl > 1 else [(0, nl)]
         if req.reads_into_buffers:  # a local file: one request reads the head and the first group of layers
@@ -220,10 +220,14 @@ class ChunkReader:
             return len(whole)
         # The first range: the index, the header and layer 0 (the header's likely size, lz4/blosc's worst case).
         raw = 2 * hit.key.num_tokens * spec.row_bytes
-        first_end = min(size, index_bytes(nl) + _HEADER_GUESS + 4 * nl + raw + raw // 255 + 16 + CRC_BYTES)
+        first_end = index_bytes(nl) + _HEADER_GUESS + 4 * nl + raw + raw // 255 + 16 + CRC_BYTES
+        if hit.size is not None:
+            first_end = min(hit.size, first_end)
         first = memoryview(await req.get_range(path, 0, first_end))
         progress(0, len(first))
-        head = parse_head(first, nl, size)
+        # Not HEADed (probed): a first range that stopped short found the object's end; else its index tells.
+        known = hit.size if hit.size is not None else (len(first) if len(first) < first_end else None)
+        head = parse_head(first, nl, known)
         codec = check_chunk_head(head, spec, mid, hit.key)
         ready = 0
         while ready < nl and head.spans[ready].end <= len(first):
@@ -234,7 +238,7 @@ class ChunkReader:
             return len(first)
         if before_rest is not None and ready:  # (a first range short of layer 0 must not wait for its own layer 0)
             await before_rest()
-        later = await req.get_range(path, len(first), size, priority=1)
+        later = await req.get_range(path, len(first), head.size, priority=1)
         whole = memoryview(bytes(first) + later)  # layers may lie anywhere after the first range
         progress(ready, len(whole))
         await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, ready, nl)

@@ -115,17 +115,21 @@ def encode_head(header: ChunkHeader, layer_sizes: Sequence[int]) -> bytes:
     return bytes(index) + frame
 
 
-def parse_head(data: bytes | memoryview, num_layers: int, size: int) -> ShardHead:
+def parse_head(data: bytes | memoryview, num_layers: int, size: int | None) -> ShardHead:
     """Parse and check the index and header from a data object's leading bytes (at least ``head_bytes``
-    or the whole object). ``size`` is the whole object's size. Damage raises IntegrityError."""
+    or the whole object). ``size`` is the whole object's size; None when unknown (a read of a chunk that
+    was not HEADed): the index says, and a shorter object shows when its layers are read. Damage raises
+    IntegrityError."""
     data = memoryview(data)
     n_index = index_bytes(num_layers)
-    if size < n_index or len(data) < min(size, n_index):
-        raise IntegrityError(f"data object is {size} bytes, too short for a {num_layers}-layer index")
+    if (size is not None and size < n_index) or len(data) < min(n_index if size is None else size, n_index):
+        raise IntegrityError(f"data object is {size or len(data)} bytes, too short for a {num_layers}-layer index")
     index = data[: n_index - CRC_BYTES]
     if crc32c([index]) != int.from_bytes(data[n_index - CRC_BYTES : n_index], "little"):
         raise IntegrityError("shard index checksum mismatch")
     spans = tuple(LayerSpan(*_ENTRY.unpack_from(index, 16 * i)) for i in range(num_layers))
+    if size is None:
+        size = max(span.end for span in spans)
     first = spans[0].offset
     if not n_index + CRC_BYTES < first <= head_bytes(num_layers) or first > len(data):
         raise IntegrityError("chunk header is missing or out of bounds")

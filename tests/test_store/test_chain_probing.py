@@ -143,3 +143,43 @@ async def test_a_hole_between_probes_makes_a_load_shorter_never_wrong(
         saved = await store.save_prefix(spec, PROMPT, kv)
         # A save that probes does not see the hole (documented in kvstore.probing); a local directory HEADs all.
         assert saved.chunks_written == (CHUNKS - 21 if backend == "local" else 0)
+
+
+async def test_layer_pipelined_loads_probe_too_and_catch_a_short_object(
+    store_url: Any,
+    backend: str,
+    make_spec: Callable[..., kvstore.ModelSpec],
+    make_kv: Callable[..., KV],
+    slice_kv: Callable[..., KV],
+    assert_kv_equal: Callable[..., None],
+) -> None:
+    spec = make_spec(num_layers=4, num_kv_heads=4, head_dim=64)  # 16 KiB per layer: two ranges per chunk
+    kv = make_kv(spec, len(PROMPT))
+    url, options = store_url
+    async with kvstore.open(url, storage_options=options, chunk_tokens=CT) as store:
+        await store.save_prefix(spec, PROMPT, kv)
+        before = store.stats()
+        async with store.load_prefix_layers(spec, PROMPT) as stream:
+            layers = [(k.clone(), v.clone()) async for _, k, v in stream]
+            assert stream.num_tokens == len(PROMPT)
+        after = store.stats()
+        assert_kv_equal(layers, kv)
+        assert _delta(before, after, "requests_head") == _heads(backend, CHUNKS)
+        assert _delta(before, after, "requests_get") == 2 * CHUNKS
+
+    # Chunk 21 (between probes) loses its last layer: the index says more than the object holds.
+    keys = chunk_keys(spec, normalize_tokens(PROMPT), CT)
+    path = data_path(chunk_prefix(model_id(spec), keys[21].digest))
+    raw = await open_object_store(*store_url)
+    try:
+        whole = await raw.get(path)
+        await raw.put(path, whole[: len(whole) - 1000])
+    finally:
+        await raw.close()
+    async with kvstore.open(url, storage_options=options, chunk_tokens=CT, repair=False) as store:
+        async with store.load_prefix_layers(spec, PROMPT) as stream:
+            layers = [(k.clone(), v.clone()) async for _, k, v in stream]
+            n = stream.num_tokens
+        assert n == 21 * CT
+        assert_kv_equal([(k[:n], v[:n]) for k, v in layers], slice_kv(kv, n))
+        assert store.stats().chunks_damaged == 1
