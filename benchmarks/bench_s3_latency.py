@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +36,7 @@ import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
 from kvstore.formats.layout import chunk_prefix, data_path
 from kvstore.testing.faultproxy import FaultProxy
+from kvstore.testing.s3servers import start_s3_server
 
 
 def _median(times: list[float]) -> float:
@@ -54,15 +55,13 @@ async def _timed(fn: Callable[[], Awaitable[Any]], reps: int) -> list[float]:
 async def run(args: argparse.Namespace) -> None:
     import aioboto3
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    stack = contextlib.ExitStack()
+    server = stack.enter_context(start_s3_server("moto"))  # in a process of its own, as a real server is
+    host, port = server.endpoint.removeprefix("http://").rsplit(":", 1)
     creds = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
     boto3.client("s3", endpoint_url=f"http://{host}:{port}", **creds).create_bucket(Bucket="bench")
-    proxy = FaultProxy(port, latency=args.latency).start()
+    proxy = FaultProxy(int(port), latency=args.latency).start()
     try:
         spec = kvstore.ModelSpec("bench", "v1", args.layers, args.kv_heads, args.head_dim, torch.float16)
         tokens = list(range(args.chunks * args.chunk_tokens))
@@ -169,7 +168,7 @@ async def run(args: argparse.Namespace) -> None:
         print(f"proxy: {proxy.stats.requests} requests")
     finally:
         proxy.stop()
-        server.stop()
+        stack.close()
 
 
 def main() -> None:

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from kvstore._tasks import run_all
-from kvstore.errors import InvalidInputError, ModelRetiredError, StoreUnavailableError
+from kvstore.errors import (
+    IntegrityError,
+    InvalidInputError,
+    ModelRetiredError,
+    ObjectNotFoundError,
+    StoreUnavailableError,
+)
 from kvstore.fetching import SharedReads
 from kvstore.formats.codecs import DEFAULT_CODEC, Codec, get_codec
 from kvstore.formats.dtypes import dtype_info
@@ -34,7 +40,7 @@ from kvstore.formats.layout import (
     zarr_array_metadata,
 )
 from kvstore.formats.records import ChunkHeader, ModelRecord
-from kvstore.formats.shard import data_object, encode_layers
+from kvstore.formats.shard import data_object, encode_layers, head_bytes, parse_head
 from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES, Stagings
 from kvstore.loading import LayerStream, LoadServices
 from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
@@ -341,13 +347,33 @@ class KVStore:
         created = await self._requests.put_parts(data_path(prefix), parts, create_only=present is not True)
         if not created and present is None:  # there after the gap: renew its mtime
             created = await self._requests.put_parts(data_path(prefix), parts)
-        if not created:
-            return len(meta), 0  # another writer committed it first
+        if not created:  # another writer committed it first, perhaps with another codec
+            await self._match_winner_metadata(spec, prefix, meta)
+            return len(meta), 0
         nbytes, nobjects = len(meta) + sum(len(p) for p in parts), 2
         if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
             await self._requests.put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
             nbytes, nobjects = nbytes + len(key.digest), nobjects + 1
         return nbytes, nobjects
+
+    async def _match_winner_metadata(self, spec: ModelSpec, prefix: str, ours: bytes) -> None:
+        """Make ``zarr.json`` name the codec of the data object that won the create-only race.
+
+        Writers PUT ``zarr.json`` before their data object, so a loser's may have
+        landed after the winner's: if the winner's header names another codec,
+        write the winner's metadata again (stock zarr decodes by ``zarr.json``).
+        A damaged winner is left to readers and ``verify``.
+        """
+        try:
+            head = parse_head(
+                await self._requests.get_range(data_path(prefix), 0, head_bytes(spec.num_layers)), spec.num_layers, None
+            )
+        except (IntegrityError, ObjectNotFoundError):
+            return
+        if head.header.codec != self._codec.name:
+            winner = zarr_array_metadata(spec, head.header.num_tokens, head.header.codec)
+            if winner != ours:
+                await self._requests.put(prefix + ZARR_JSON, winner)
 
     # ------------------------------------------------------------------ load
 

@@ -4,9 +4,10 @@ A damaged chunk is reported; with ``repair`` its data object is deleted (a
 concurrent reader sees a miss, never a half-deleted chunk) and the next save of
 that prefix writes it again. Only what docs/FORMAT.md defines as damage counts:
 a chunk's ``zarr.json`` is not part of kvstore's format, so a missing or
-unreadable one is reported apart (``metadata_problems``) and, with ``repair``,
-written again; one that merely differs from what this version writes (another
-writer, additive changes) is left alone.
+unreadable one, or one that decodes otherwise than the data object's header says
+(shape, data type or codec chain: two writers with different codecs raced), is
+reported apart (``metadata_problems``) and, with ``repair``, written again; one
+that merely differs in settings or additions (another writer's version) is left alone.
 """
 
 from __future__ import annotations
@@ -189,16 +190,34 @@ def _check_layers(codec: Any, data: memoryview, head: ShardHead, raw: int) -> No
 async def _check_metadata(
     backend: ObjectStore, info: ModelInfo, prefix: str, head: ShardHead, report: VerifyReport, repair: bool
 ) -> None:
-    """A chunk's zarr.json must exist and be JSON for stock zarr to read it; its content is not checked."""
+    """A chunk's zarr.json must exist, be JSON and decode like the data object's header says (shape, data
+    type, codec chain: two writers with different codecs may race on it) for stock zarr to read the chunk."""
+    expected = zarr_array_metadata(info.spec, head.header.num_tokens, head.header.codec)
     try:
-        json.loads(await backend.get(prefix + ZARR_JSON))
-        return
-    except ObjectNotFoundError:
-        pass
-    except ValueError:
+        if _decoding(json.loads(await backend.get(prefix + ZARR_JSON))) == _decoding(json.loads(expected)):
+            return
+    except (ObjectNotFoundError, ValueError):
         pass
     report.metadata_problems += 1
     if repair:
-        meta = zarr_array_metadata(info.spec, head.header.num_tokens, head.header.codec)
-        await backend.put(prefix + ZARR_JSON, meta)
+        await backend.put(prefix + ZARR_JSON, expected)
         report.metadata_rewritten += 1
+
+
+def _decoding(meta: Any) -> Any:
+    """What decides how zarr decodes an array: its shape, data type and codec chain (names, not settings)."""
+    if not isinstance(meta, dict):
+        return None
+
+    def names(codecs: Any) -> Any:
+        if not isinstance(codecs, list):
+            return None
+        out = []
+        for codec in codecs:
+            config = codec.get("configuration", {}) if isinstance(codec, dict) else None
+            if not isinstance(config, dict):
+                return None
+            out.append((codec.get("name"), names(config.get("codecs")), config.get("chunk_shape")))
+        return out
+
+    return meta.get("shape"), meta.get("data_type"), names(meta.get("codecs"))

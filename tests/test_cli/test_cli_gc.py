@@ -254,3 +254,25 @@ def test_verify_repair_leaves_chunks_whose_zarr_json_differs(tmp_path: Path) -> 
         assert json.loads((p / "zarr.json").read_text())["zarr_format"] == 3  # written again
     with kvstore.sync.open(url) as store:
         assert store.load_prefix(NEW, TOKENS).num_tokens == 40
+
+
+def test_verify_repair_rewrites_a_zarr_json_that_names_another_codec(tmp_path: Path) -> None:
+    """Two writers with different codecs may race on zarr.json: stock zarr would then decode the data wrongly."""
+    from kvstore.formats.layout import zarr_array_metadata
+
+    url = str(tmp_path / "s")
+    _make_store(url)  # the default codec
+    key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[0]
+    meta_path = tmp_path / "s" / chunk_prefix(model_id(NEW), key.digest) / "zarr.json"
+    right = meta_path.read_bytes()
+    head = parse_head((meta_path.parent / "c.0.0.0.0.0").read_bytes(), NEW.num_layers, None)
+    other = "none" if head.header.codec != "none" else "lz4"
+    meta_path.write_bytes(zarr_array_metadata(NEW, 16, other))
+
+    out = _invoke("verify", url, "--model", "tiny-llama@v2", "--json")
+    assert json.loads(out.output)["metadata_problems"] == 1
+    assert meta_path.read_bytes() == zarr_array_metadata(NEW, 16, other)  # reported, not touched
+    out = _invoke("verify", url, "--model", "tiny-llama@v2", "--repair", "--json")
+    report = json.loads(out.output)
+    assert (report["chunks_damaged"], report["metadata_problems"], report["metadata_rewritten"]) == (0, 1, 1)
+    assert meta_path.read_bytes() == right

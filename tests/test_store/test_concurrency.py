@@ -204,3 +204,38 @@ async def test_listing_models_respects_max_concurrency(
     assert sorted(m.spec.version for m in models) == ["v0", "v1", "v2"]
     assert backend.peak <= 1, dict(backend.peak_by_op)
     assert after.requests_list - before.requests_list == backend.calls["list"]
+
+
+async def test_a_writer_that_loses_the_race_leaves_the_winners_zarr_json(
+    tmp_path: Path,
+    make_spec: Callable[..., kvstore.ModelSpec],
+    make_kv: Callable[..., KV],
+    counting_store: Callable[..., Any],
+) -> None:
+    """Two writers with different codecs: the loser's zarr.json may land after the winner's; it must not stay."""
+    from kvstore.formats.keys import model_id
+    from kvstore.formats.layout import DATA_NAME, ZARR_JSON, chunk_prefix, zarr_array_metadata
+    from kvstore.storage import ObjectMeta
+
+    spec = make_spec(num_layers=3)
+    prompt = list(range(CT))
+    kv = make_kv(spec, len(prompt))
+    winner = kvstore.KVStore(LocalObjectStore(tmp_path / "kv"), kvstore.StoreOptions(chunk_tokens=CT, codec="lz4"))
+    await winner.save_prefix(spec, prompt, kv)
+
+    class SawNothing(counting_store(LocalObjectStore(tmp_path / "kv")).__class__):  # type: ignore[misc]
+        """HEADs that ran before the winner committed: every data object absent."""
+
+        async def head(self, key: str) -> ObjectMeta | None:
+            return None if key.endswith(DATA_NAME) else await super().head(key)
+
+    loser = kvstore.KVStore(
+        SawNothing(LocalObjectStore(tmp_path / "kv")), kvstore.StoreOptions(chunk_tokens=CT, codec="none")
+    )
+    res = await loser.save_prefix(spec, prompt, kv)
+    assert res.chunks_written == 0  # the create-only PUT lost
+    key = chunk_keys(spec, normalize_tokens(prompt), CT)[0]
+    meta = (tmp_path / "kv" / (chunk_prefix(model_id(spec), key.digest) + ZARR_JSON)).read_bytes()
+    assert meta == zarr_array_metadata(spec, CT, "lz4")
+    await winner.close()
+    await loser.close()
