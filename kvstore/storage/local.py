@@ -137,17 +137,15 @@ class LocalObjectStore(ObjectStore):
             return await asyncio.to_thread(self._write, self._path(key), parts, create_only)
 
     @staticmethod
-    def _open_tmp(path: Path) -> Path:
-        """Create an empty temporary file beside ``path`` (and its directory on first use)."""
+    def _open_tmp(path: Path) -> tuple[Path, int]:
+        """Create a temporary file beside ``path`` (and its directory on first use): its path and a writable fd."""
         tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(tmp, flags, 0o644)
+            return tmp, os.open(tmp, flags, 0o644)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
-        os.close(fd)
-        return tmp
+            return tmp, os.open(tmp, flags, 0o644)
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         with translate_errors(self.url, key, "put"):
@@ -157,13 +155,15 @@ class LocalObjectStore(ObjectStore):
         """``writev`` into a temporary file, then publish it: ``rename``, or ``link`` for create-only."""
         if create_only and path.exists():
             return False
-        tmp = self._open_tmp(path)
+        tmp, fd = self._open_tmp(path)
         published = False
         try:
-            with open(tmp, "r+b", buffering=0) as f:
-                _write_all(f.fileno(), parts)
+            try:
+                _write_all(fd, parts)
                 if self.fsync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             if not create_only:
                 os.replace(tmp, path)
                 published = True
