@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from gc_helpers import run_gc_at, snapshot
 
 import kvstore
@@ -44,7 +43,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[float], None]]:
     def set_to(t: float) -> None:
         now[0] = t
 
-    yield set_to
+    return set_to
 
 
 async def _save(url: str, opts: Any, spec: kvstore.ModelSpec, prompts: dict[str, list[int]], kv: Any) -> None:
@@ -88,11 +87,14 @@ async def test_over_budget_store_keeps_the_most_recently_used(
 
     report = await run_gc_at(url, opts, grace=GRACE, now=NOW, max_bytes=budget)
 
-    assert report.ok and report.budget_met is True
+    assert report.ok
+    assert report.budget_met is True
     assert report.bytes_before_eviction == total
-    assert report.bytes_after is not None and report.bytes_after <= budget
+    assert report.bytes_after is not None
+    assert report.bytes_after <= budget
     assert _chunk_bytes(await snapshot(url, opts)) == report.bytes_after
-    assert report.evicted_chunks == 4 and report.reasons["evicted"] == 8
+    assert report.evicted_chunks == 4
+    assert report.reasons["evicted"] == 8
     assert await _hits(url, opts, spec, prompts) == {"a": 0, "b": 16, "c": 16}
     # The access records were compacted to one per live model, holding only chunks still there.
     records = await snapshot(url, opts, ACCESS_DIR + "/")
@@ -146,9 +148,11 @@ async def test_nothing_used_within_the_grace_is_evicted(
 
     report = await run_gc_at(url, opts, grace=GRACE, now=NOW, max_bytes=0)
 
-    assert report.budget_met is False and report.budget_note is not None
+    assert report.budget_met is False
+    assert report.budget_note is not None
     assert "grace" in report.budget_note
-    assert report.bytes_after is not None and report.bytes_after > 0
+    assert report.bytes_after is not None
+    assert report.bytes_after > 0
     hits = await _hits(url, opts, spec, prompts)
     assert hits == {"a": 12, "b": 0}  # a's last chunk was not used: evicted; the 3 chunks it extends stay
 
@@ -168,7 +172,8 @@ async def test_max_idle_and_dry_run(
     before = await snapshot(url, opts, "chunks/")
 
     plan = await run_gc_at(url, opts, grace=GRACE, now=NOW, max_idle=5 * DAY, dry_run=True)
-    assert plan.evicted_chunks == 8 and plan.budget_met is None
+    assert plan.evicted_chunks == 8
+    assert plan.budget_met is None
     assert await snapshot(url, opts, "chunks/") == before  # a dry run deletes nothing
 
     report = await run_gc_at(url, opts, grace=GRACE, now=NOW, max_idle=5 * DAY)
