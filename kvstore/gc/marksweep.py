@@ -321,7 +321,7 @@ async def _collect_access(
         last = log.last_use(mid)
         if last is not None:
             _note_use(report, mid, last)
-    report.reasons["access-record"] += len(log.garbage)
+    report.access_records_garbage = len(log.garbage)
     if dry_run:
         return
     failures = await bulk.delete_objects([key for key, _ in log.garbage])

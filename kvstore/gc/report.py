@@ -19,7 +19,6 @@ REASONS = {
     "temp": "temporary files of interrupted local writes",
     "malformed": "objects under chunks/ that do not follow the layout",
     "evicted": "objects of reachable chunks evicted as least recently used (--max-bytes / --max-idle)",
-    "access-record": "access records of retired or unknown model versions, or damaged ones",
 }
 """Why an object is garbage (keys of ``GCReport.reasons``)."""
 
@@ -76,6 +75,8 @@ class GCReport:
     """Whether ``max_bytes`` was reached (None without it); see ``budget_note`` when not."""
     budget_note: str | None = None
     access_records_read: int = 0
+    access_records_garbage: int = 0
+    """Access records of retired or unknown model versions, or damaged, older than the cutoff."""
     access_records_written: int = 0
     access_records_deleted: int = 0
 
@@ -132,6 +133,7 @@ class GCReport:
             "budget_met": self.budget_met,
             "budget_note": self.budget_note,
             "access_records_read": self.access_records_read,
+            "access_records_garbage": self.access_records_garbage,
             "access_records_written": self.access_records_written,
             "access_records_deleted": self.access_records_deleted,
             "delete_failures": self.failures_total,

@@ -192,7 +192,7 @@ async def test_access_records_of_a_retired_model_are_garbage(
         await store.retire(spec.name, spec.version)
     assert await snapshot(url, opts, ACCESS_DIR + "/")
     report = await run_gc_at(url, opts, grace=GRACE, now=NOW)
-    assert report.reasons["access-record"] == 1
+    assert report.access_records_garbage == 1
     assert await snapshot(url, opts, ACCESS_DIR + "/") == {}
 
 
