@@ -31,9 +31,12 @@ def _prefixes(spec: kvstore.ModelSpec, tokens: list[int]) -> list[int]:
 
 
 async def _until(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
-        while not check():
-            await asyncio.sleep(0.01)
+    """Wait (at most 10 s) for the store's background flusher to do what ``check`` observes."""
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the flusher did not get there in 10 s")
 
 
 async def _saved(url: str, opts: Any, spec: kvstore.ModelSpec, kv: Any, tokens: list[int] = PROMPT) -> None:
@@ -50,7 +53,7 @@ async def test_flushed_by_interval_with_the_hit_chunks(
     await _saved(url, opts, spec, make_kv(spec, len(PROMPT)))
     assert await _records(url, opts) == []
     async with kvstore.open(url, storage_options=opts, access_flush_interval=0.05) as store:
-        assert (await store.load_prefix(spec, PROMPT + [1, 2])).num_tokens == len(PROMPT)
+        assert (await store.load_prefix(spec, [*PROMPT, 1, 2])).num_tokens == len(PROMPT)
         await _until(lambda: store.stats().access_records_written == 1)
         [rec] = await _records(url, opts)  # written while the store is open, by the interval
     assert sorted(rec.keys.tolist()) == _prefixes(spec, PROMPT)
