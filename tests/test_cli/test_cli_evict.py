@@ -111,3 +111,27 @@ def test_namespace_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert report["url"].endswith("namespaces/team-a")
     assert report["evicted_chunks"] == 4
     assert _invoke("gc", url, "--namespace", "../x").exit_code == 2
+
+
+def test_ls_and_stats_show_last_use_per_model_and_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = _old_store(tmp_path / "store", monkeypatch, namespace="team-a")  # only a namespace at the root
+    with kvstore.sync.open(url, namespace="team-b") as store:
+        store.save_prefix(SPEC, list(range(16)), _kv(16))
+    result = _invoke("ls", url, "--json")
+    assert result.exit_code == 0, result.output
+    spaces = {n["name"]: n for n in json.loads(result.output)["namespaces"]}
+    assert spaces["team-a"]["chunks"] == 4
+    assert spaces["team-b"]["chunks"] == 1
+    assert time.time() - HOURS_AGO * 3600 - 5 < spaces["team-a"]["last_use"] < time.time() - HOURS_AGO * 3600 + 5
+    assert spaces["team-b"]["last_use"] > time.time() - 60
+    ns_url = f"{url}/namespaces/team-a"
+    with kvstore.sync.open(ns_url) as store:
+        assert store.load_prefix(SPEC, list(range(32))).num_tokens == 32  # a use, recorded on close
+    result = _invoke("stats", ns_url, "--json")
+    assert result.exit_code == 0, result.output
+    [model] = json.loads(result.output)["models"]
+    assert model["last_use"] > time.time() - 60  # from the access record's name
+    assert model["last_write"] < time.time() - 3600
+    text = _invoke("ls", url)
+    assert "team-a" in text.output
+    assert "last use" in text.output
