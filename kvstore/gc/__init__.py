@@ -12,7 +12,8 @@ head, get, delete) plus bulk listing/deletion with aioboto3 on ``s3://``.
 
 from __future__ import annotations
 
-from kvstore.gc.marksweep import DEFAULT_GRACE, MIN_GRACE, check_eviction, check_grace, mark_and_sweep, run_gc
+from kvstore.gc.evict_phase import check_eviction
+from kvstore.gc.marksweep import DEFAULT_GRACE, MIN_GRACE, check_grace, mark_and_sweep, run_gc
 from kvstore.gc.report import REASONS, GCProgress, GCReport, ModelUsage
 from kvstore.gc.usage import ModelStats, NamespaceStats, UsageReport, scan_usage
 from kvstore.gc.verify import VerifyReport, verify_store

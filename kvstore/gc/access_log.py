@@ -27,9 +27,10 @@ from kvstore.formats.access import (
     parse_access_key,
 )
 from kvstore.gc.bulk import BulkOps
+from kvstore.gc.report import GCReport
 from kvstore.storage import ObjectStore
 
-__all__ = ["AccessLog", "merge_uses", "read_access_log"]
+__all__ = ["AccessLog", "collect_access", "merge_uses", "read_access_log"]
 
 _EMPTY_KEYS = np.zeros(0, np.uint64)
 _EMPTY_TIMES = np.zeros(0, np.uint32)
@@ -161,3 +162,37 @@ async def compact(
         failed += len(failures)
         deleted += len(names) - len(failures)
     return written, deleted, failed
+
+
+async def collect_access(
+    backend: ObjectStore,
+    bulk: BulkOps,
+    report: GCReport,
+    log: AccessLog,
+    present: dict[str, np.ndarray],
+    evicted: dict[str, np.ndarray],
+    dry_run: bool,
+) -> None:
+    """After a run: delete the old access records of dead models, then compact each live model's into one
+    record of the chunks still present (``present`` minus ``evicted``, sorted key prefixes per model)."""
+    report.access_records_read = log.records_read
+    for mid in log.uses:
+        last = log.last_use(mid)
+        if last is not None:
+            report.note_use(mid, last)
+    report.access_records_garbage = len(log.garbage)
+    if dry_run:
+        return
+    failures = await bulk.delete_objects([key for key, _ in log.garbage])
+    report.failures_total += len(failures)
+    report.access_records_deleted += len(log.garbage) - len(failures)
+    for mid in report.protected_models:  # protected during the mark (a newer writer's header): leave its records
+        log.read.pop(mid, None)
+    keep = {}
+    for mid, keys in present.items():
+        gone = evicted.get(mid)
+        keep[mid] = keys if gone is None else np.setdiff1d(keys, gone, assume_unique=True)
+    written, deleted, failed = await compact(backend, bulk, log, keep)
+    report.access_records_written += written
+    report.access_records_deleted += deleted
+    report.failures_total += failed

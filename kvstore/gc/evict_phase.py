@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvstore.errors import InvalidInputError
 from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, ZARR_JSON
 from kvstore.gc.access_log import AccessLog, merge_uses, read_access_log
 from kvstore.gc.bulk import BulkOps
 from kvstore.gc.evict import EvictionCandidates, eviction_order, last_use
 from kvstore.gc.report import GCProgress, GCReport
-from kvstore.storage import ObjectStore
+from kvstore.storage import ObjectMeta, ObjectStore
 
-__all__ = ["EvictColumns", "EvictModel", "EvictSettings", "run_eviction"]
+__all__ = ["EvictColumns", "EvictModel", "EvictSettings", "check_eviction", "run_eviction"]
 
 _WINDOW = 256
 
@@ -64,6 +65,16 @@ class EvictSettings:
     cutoff: float
     dry_run: bool
     concurrency: int
+
+
+def check_eviction(max_bytes: int | None, max_idle: float | None) -> None:
+    """Refuse a byte budget that is not an int >= 0, or an idle time that is not a number of seconds >= 0."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise InvalidInputError(f"max_bytes must be an int >= 0 or None, got {max_bytes!r}")
+    if max_idle is not None and (
+        isinstance(max_idle, bool) or not isinstance(max_idle, (int, float)) or not 0 <= max_idle < float("inf")
+    ):
+        raise InvalidInputError(f"max_idle must be a number of seconds >= 0 or None, got {max_idle!r}")
 
 
 def _path(mid: str, digest: np.ndarray, name: str) -> str:
@@ -137,7 +148,7 @@ class _Evictor:
                 window.append(int(order[pos]))
                 planned += int(cands.sizes[order[pos]])
                 pos += 1
-            fresh = await asyncio.gather(*(self._still_old(j) for j in window))
+            fresh = await self._still_old(window)
             chosen = []
             for j, old in zip(window, fresh, strict=True):
                 m, key = int(cands.model[j]), int(cands.keys[j])
@@ -166,12 +177,27 @@ class _Evictor:
             report.budget_met = True
         return evicted
 
-    async def _still_old(self, j: int) -> bool:
-        """HEAD the data object again just before deleting: a writer may have refreshed it (or it is gone)."""
-        m = self.models[int(self.cands.model[j])]
-        async with self.limit:
-            meta = await self.backend.head(_path(m.mid, m.digests[int(self.cands.row[j])], DATA_NAME))
-        return meta is not None and (meta.mtime is None or meta.mtime < self.s.cutoff)
+    async def _still_old(self, window: list[int]) -> list[bool]:
+        """HEAD the data objects again just before deleting: a writer may have refreshed one (or it is gone).
+
+        One call for the window where the backend batches HEADs (a local directory), else
+        ``concurrency`` at a time.
+        """
+        paths = []
+        for j in window:
+            m = self.models[int(self.cands.model[j])]
+            paths.append(_path(m.mid, m.digests[int(self.cands.row[j])], DATA_NAME))
+        if self.backend.batches_heads:
+            metas = await self.backend.head_many(paths)
+        else:
+
+            async def head(path: str) -> ObjectMeta | None:
+                async with self.limit:
+                    return await self.backend.head(path)
+
+            metas = list(await asyncio.gather(*(head(p) for p in paths)))
+        cutoff = self.s.cutoff
+        return [m is not None and (m.mtime is None or m.mtime < cutoff) for m in metas]
 
     async def _delete(self, chosen: list[int]) -> tuple[int, set[int]]:
         """Data objects first, then zarr.json; returns the bytes freed (or to free, in a dry run) and the

@@ -34,9 +34,9 @@ from kvstore.errors import (
 )
 from kvstore.formats.keys import key_root
 from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker, zarr_array_metadata
-from kvstore.gc.access_log import AccessLog, compact, read_access_log
+from kvstore.gc.access_log import collect_access, read_access_log
 from kvstore.gc.bulk import BulkOps, open_bulk_ops
-from kvstore.gc.evict_phase import EvictColumns, EvictModel, EvictSettings, run_eviction
+from kvstore.gc.evict_phase import EvictColumns, EvictModel, EvictSettings, check_eviction, run_eviction
 from kvstore.gc.report import GCProgress, GCReport, ModelUsage
 from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
@@ -45,7 +45,7 @@ from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
 from kvstore.store import LIVE_CHECK_TTL
 
-__all__ = ["DEFAULT_GRACE", "MIN_GRACE", "check_eviction", "check_grace", "mark_and_sweep", "run_gc"]
+__all__ = ["DEFAULT_GRACE", "MIN_GRACE", "check_grace", "mark_and_sweep", "run_gc"]
 
 DEFAULT_GRACE = 3600.0
 """Seconds an unreachable object must have existed before the GC deletes it."""
@@ -269,26 +269,11 @@ async def mark_and_sweep(
         evicted = await run_eviction(backend, bulk, report, prog, models, log, settings)
         for m in models:
             if len(m.mtimes):
-                _note_use(report, m.mid, float(m.mtimes.max()))
-    await _collect_access(backend, bulk, report, log, kept_commits, reach, evicted, dry_run)
+                report.note_use(m.mid, float(m.mtimes.max()))
+    present = {mid: np.unique(np.frombuffer(c.keys, np.uint64)[reach[mid]]) for mid, c in kept_commits.items()}
+    await collect_access(backend, bulk, report, log, present, evicted, dry_run)
     report.elapsed = time.monotonic() - started
     return report
-
-
-def check_eviction(max_bytes: int | None, max_idle: float | None) -> None:
-    """Refuse a byte budget that is not an int >= 0, or an idle time that is not a number of seconds >= 0."""
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-        raise InvalidInputError(f"max_bytes must be an int >= 0 or None, got {max_bytes!r}")
-    if max_idle is not None and (
-        isinstance(max_idle, bool) or not isinstance(max_idle, (int, float)) or not 0 <= max_idle < float("inf")
-    ):
-        raise InvalidInputError(f"max_idle must be a number of seconds >= 0 or None, got {max_idle!r}")
-
-
-def _note_use(report: GCReport, mid: str, when: float) -> None:
-    usage = report.by_model.get(mid)
-    if usage is not None:
-        usage.last_use = when if usage.last_use is None else max(usage.last_use, when)
 
 
 def _evict_model(mid: str, c: _Commits, mask: np.ndarray) -> EvictModel:
@@ -303,39 +288,6 @@ def _evict_model(mid: str, c: _Commits, mask: np.ndarray) -> EvictModel:
         np.frombuffer(e.sizes, np.uint64)[mask].astype(np.int64),
         np.frombuffer(e.mtimes, np.float64)[mask],
     )
-
-
-async def _collect_access(
-    backend: ObjectStore,
-    bulk: BulkOps,
-    report: GCReport,
-    log: AccessLog,
-    commits: dict[str, _Commits],
-    reach: dict[str, np.ndarray],
-    evicted: dict[str, np.ndarray],
-    dry_run: bool,
-) -> None:
-    """Delete access records of dead models (old ones), then compact each live model's into one record."""
-    report.access_records_read = log.records_read
-    for mid in log.uses:
-        last = log.last_use(mid)
-        if last is not None:
-            _note_use(report, mid, last)
-    report.access_records_garbage = len(log.garbage)
-    if dry_run:
-        return
-    failures = await bulk.delete_objects([key for key, _ in log.garbage])
-    report.failures_total += len(failures)
-    report.access_records_deleted += len(log.garbage) - len(failures)
-    keep = {}
-    for mid, c in commits.items():
-        live_keys = np.unique(np.frombuffer(c.keys, np.uint64)[reach[mid]])
-        gone = evicted.get(mid)
-        keep[mid] = live_keys if gone is None else np.setdiff1d(live_keys, gone, assume_unique=True)
-    written, deleted, failed = await compact(backend, bulk, log, keep)
-    report.access_records_written += written
-    report.access_records_deleted += deleted
-    report.failures_total += failed
 
 
 def check_grace(grace: float, allow_short_grace: bool, *, override: str = "allow_short_grace=True") -> None:

@@ -80,6 +80,12 @@ class GCReport:
     access_records_written: int = 0
     access_records_deleted: int = 0
 
+    def note_use(self, mid: str, when: float) -> None:
+        """A use of model ``mid`` (hex) at ``when``: keeps the latest in its ``last_use``."""
+        usage = self.by_model.get(mid)
+        if usage is not None:
+            usage.last_use = when if usage.last_use is None else max(usage.last_use, when)
+
     @property
     def evicted_chunks(self) -> int:
         return sum(m.evicted_chunks for m in self.by_model.values())
