@@ -25,10 +25,12 @@ from kvstore.gc.bulk import BulkOps
 from kvstore.gc.evict import EvictionCandidates, eviction_order, last_use
 from kvstore.gc.report import GCProgress, GCReport
 from kvstore.storage import ObjectMeta, ObjectStore
+from kvstore.storage.s3_batch import DeleteFailure
 
 __all__ = ["EvictColumns", "EvictModel", "EvictSettings", "check_eviction", "run_eviction"]
 
-_WINDOW = 256
+_WINDOW = 1024
+_DELETE_SLICE = 256  # a window's deletions go in slices side by side (several worker threads on a local directory)
 
 
 @dataclass(slots=True)
@@ -199,6 +201,11 @@ class _Evictor:
         cutoff = self.s.cutoff
         return [m is not None and (m.mtime is None or m.mtime < cutoff) for m in metas]
 
+    async def _delete_all(self, keys: list[str]) -> list[DeleteFailure]:
+        slices = [keys[i : i + _DELETE_SLICE] for i in range(0, len(keys), _DELETE_SLICE)]
+        results = await asyncio.gather(*(self.bulk.delete_objects(part) for part in slices))
+        return [f for failures in results for f in failures]
+
     async def _delete(self, chosen: list[int]) -> tuple[int, set[int]]:
         """Data objects first, then zarr.json; returns the bytes freed (or to free, in a dry run) and the
         chunks whose data object could not be deleted."""
@@ -209,9 +216,9 @@ class _Evictor:
             paths.append((m.mid, m.digests[int(cands.row[j])]))
         failed: set[str] = set()
         if not self.s.dry_run and chosen:
-            data_failures = await self.bulk.delete_objects([_path(mid, d, DATA_NAME) for mid, d in paths])
+            data_failures = await self._delete_all([_path(mid, d, DATA_NAME) for mid, d in paths])
             failed = {f.key for f in data_failures}
-            meta_failures = await self.bulk.delete_objects(
+            meta_failures = await self._delete_all(
                 [_path(mid, d, ZARR_JSON) for mid, d in paths if _path(mid, d, DATA_NAME) not in failed]
             )
             report.failures_total += len(data_failures) + len(meta_failures)

@@ -266,6 +266,8 @@ async def mark_and_sweep(
             max_bytes, None if max_idle is None else t0 - max_idle, report.cutoff, dry_run, concurrency
         )
         models = [_evict_model(mid, c, reach[mid]) for mid, c in kept_commits.items()]
+        for c in kept_commits.values():
+            c.evict = None  # copied into the models (reachable rows only): free the columns before planning
         evicted = await run_eviction(backend, bulk, report, prog, models, log, settings)
         for m in models:
             if len(m.mtimes):
