@@ -49,6 +49,8 @@ class OpenOptions(TypedDict, total=False):
     pinned_pool_bytes: int
     writeback_budget: int
     prefetch_budget: int
+    record_access: bool
+    access_flush_interval: float
 
 
 class _TierOptions(NamedTuple):
@@ -115,6 +117,8 @@ def open(  # noqa: A001 - the public name the API promises
     pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES,
     writeback_budget: int = _STORE_DEFAULTS.writeback_budget,
     prefetch_budget: int = _STORE_DEFAULTS.prefetch_budget,
+    record_access: bool = _STORE_DEFAULTS.record_access,
+    access_flush_interval: float = _STORE_DEFAULTS.access_flush_interval,
 ) -> _Opening:
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
@@ -139,6 +143,10 @@ def open(  # noqa: A001 - the public name the API promises
     ``writeback_budget`` bounds the bytes of KV that background saves
     (``save_prefix(wait=False)``) hold (1 GiB; past it a save waits), and
     ``prefetch_budget`` those of unclaimed prefetches (1 GiB; the oldest are dropped).
+    ``record_access`` records which chunks loads, lookups and saves use, in
+    memory, written as one access record per model version every
+    ``access_flush_interval`` seconds (30), when a batch is full and on
+    ``close()``: the recency ``kvstore gc --max-bytes / --max-idle`` evicts by.
     """
     for name, value in (("memory_cache_bytes", memory_cache_bytes), ("disk_cache_bytes", disk_cache_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -159,6 +167,8 @@ def open(  # noqa: A001 - the public name the API promises
         "pinned_pool_bytes": pinned_pool_bytes,
         "writeback_budget": writeback_budget,
         "prefetch_budget": prefetch_budget,
+        "record_access": record_access,
+        "access_flush_interval": access_flush_interval,
     }
     StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
     return _Opening(url, storage_options, overrides, create, retry, tiers)

@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from kvstore._tasks import run_all
+from kvstore.access import AccessRecorder
 from kvstore.errors import FormatVersionError, IntegrityError, StoreUnavailableError
 from kvstore.formats.codecs import Codec, get_codec
 from kvstore.formats.keys import ChunkKey, chunk_keys, next_key
@@ -90,11 +91,14 @@ async def read_head(store: RangeReader, path: str, num_layers: int, size: int) -
 class ChunkReader:
     """Finds, reads and verifies chunks for one store; counts through its ``Requests``."""
 
-    def __init__(self, requests: Requests, chunk_tokens: int, *, verify: bool, repair: bool) -> None:
+    def __init__(
+        self, requests: Requests, chunk_tokens: int, *, verify: bool, repair: bool, access: AccessRecorder | None = None
+    ) -> None:
         self.requests = requests
         self.chunk_tokens = chunk_tokens
         self.verify = verify
         self.repair = repair
+        self.access = access
 
     # ------------------------------------------------------------------ finding the chain
 
@@ -123,6 +127,8 @@ class ChunkReader:
             tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], size_of)
             if tail is not None:
                 hits.append(Hit(*tail))
+        if hits and self.access is not None:  # every lookup and load finds its chain here: the hit is a use
+            self.access.record(mid, (h.key.digest for h in hits))
         return hits
 
     async def _find_saved_tail(

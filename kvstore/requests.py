@@ -38,6 +38,9 @@ class Counters(HitCounters):
     loads_timed_out: int = 0
     reads_shared: int = 0
     cache_rereads: int = 0
+    access_records_written: int = 0
+    access_flush_failures: int = 0
+    access_entries_dropped: int = 0
 
 
 class PriorityLimit:

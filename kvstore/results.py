@@ -111,6 +111,12 @@ class StoreStats:
     """Chunks those queries span (``ceil(tokens / chunk_tokens)`` per load)."""
     load_chunks_hit: int = 0
     """Of ``load_chunks``, those the hits covered."""
+    access_records_written: int = 0
+    """Access records (batches of chunk uses, for the GC's eviction by recency) written."""
+    access_flush_failures: int = 0
+    """Access-record writes that failed (logged; their entries wait for the next flush)."""
+    access_entries_dropped: int = 0
+    """Chunk uses not recorded because a batch was full (its writes kept failing)."""
 
     @property
     def tier_hit_rate(self) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from kvstore._tasks import run_all
+from kvstore.access import DEFAULT_FLUSH_INTERVAL, AccessRecorder
 from kvstore.errors import (
     IntegrityError,
     InvalidInputError,
@@ -85,6 +87,10 @@ class StoreOptions:
     """Bytes of KV that unclaimed prefetches may hold; past it the oldest are dropped."""
     pinned_pool_bytes: int = DEFAULT_PINNED_POOL_BYTES
     """Pinned host memory for CUDA copies (allocated on first use, reused); past it copies use pageable memory."""
+    record_access: bool = True
+    """Record which chunks loads, lookups and saves use (access records), for the GC's eviction by recency."""
+    access_flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    """Seconds between writes of the access records' batches (also written when full and on close)."""
 
     def __post_init__(self) -> None:
         get_codec(self.codec)
@@ -98,6 +104,11 @@ class StoreOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
+        interval = self.access_flush_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
+            raise InvalidInputError(f"access_flush_interval must be a number of seconds > 0, got {interval!r}")
+        if not isinstance(self.record_access, bool):
+            raise InvalidInputError(f"record_access must be a bool, got {self.record_access!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int):
             raise InvalidInputError(f"chunk_tokens must be an int in [1, 2**24], got {self.chunk_tokens!r}")
         if not 1 <= self.chunk_tokens <= 1 << 24:
@@ -130,7 +141,14 @@ class KVStore:
         self._codec: Codec = get_codec(options.codec)
         self._counters = Counters()
         self._requests = Requests(backend, options.max_concurrency, self._counters)
-        self._reader = ChunkReader(self._requests, options.chunk_tokens, verify=options.verify, repair=options.repair)
+        self._access = (
+            AccessRecorder(self._requests, self._counters, interval=options.access_flush_interval)
+            if options.record_access
+            else None
+        )
+        self._reader = ChunkReader(
+            self._requests, options.chunk_tokens, verify=options.verify, repair=options.repair, access=self._access
+        )
         self._known_models: set[bytes] = set()
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
@@ -290,6 +308,8 @@ class KVStore:
                     self._write_chunk(spec, mid, key, host, base, present=_presence(seen, first_gap + i))
                     for i, key in enumerate(missing)
                 )
+        if self._access is not None:  # a save is a use of every chunk of its prefix, written or deduplicated
+            self._access.record(mid, (k.digest for k in keys))
         nwritten = sum(1 for _, n in written if n)  # a concurrent writer may have created some first
         nbytes = sum(b for b, _ in written)
         c = self._counters
@@ -510,8 +530,12 @@ class KVStore:
                 try:
                     await self._prefetches.close()
                 finally:
-                    self._stagings.clear()
-                    await self._backend.close()
+                    try:
+                        if self._access is not None:
+                            await self._access.close()  # the last batch of access records; never raises
+                    finally:
+                        self._stagings.clear()
+                        await self._backend.close()
 
     async def __aenter__(self) -> KVStore:
         return self

@@ -48,7 +48,13 @@ EXIT_ERROR = 1
 EXIT_DAMAGED = 3
 EXIT_INTERRUPTED = 130
 
-_PHASES = {"list": "listing", "read": "marking (chunk headers)", "sweep": "sweeping", "verify": "verifying"}
+_PHASES = {
+    "list": "listing",
+    "read": "marking (chunk headers)",
+    "sweep": "sweeping",
+    "evict": "evicting (least recently used)",
+    "verify": "verifying",
+}
 
 
 def parse_options(pairs: Sequence[str], url: str | None = None) -> dict[str, Any]:
@@ -132,6 +138,22 @@ def parse_duration(value: str | float) -> float:
     if not m:
         raise click.BadParameter(f"expected a duration like 30s, 15m, 1h or 2d, got {value!r}")
     return float(m.group(1)) * _UNIT[m.group(2) or "s"]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50,
+}  # fmt: skip
+
+
+def parse_size(value: str) -> int:
+    """Bytes from ``500GiB``, ``1.5TB``, ``800MB``, ``4096`` (KB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary)."""
+    m = _SIZE.match(value)
+    unit = (m.group(2) or "b").lower() if m else ""
+    if not m or unit not in _SIZE_UNIT:
+        raise click.BadParameter(f"expected a size like 500GiB, 1.5TB or 800MB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNIT[unit])
 
 
 def parse_model(value: str) -> tuple[str, str]:

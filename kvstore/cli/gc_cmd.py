@@ -20,6 +20,7 @@ from kvstore.cli.common import (
     parse_duration,
     parse_model,
     parse_options,
+    parse_size,
     run_async,
     store_arguments,
 )
@@ -37,20 +38,24 @@ def is_terminal() -> bool:
 def _summary_table(report: Any) -> Table:
     title = "GC dry run: nothing deleted" if report.dry_run else "GC summary"
     freed = "to free" if report.dry_run else "freed"
+    evicting = report.max_bytes is not None or report.max_idle is not None
+    extra = ["evicted chunks", "evicted bytes", "last use (UTC)"] if evicting else []
     table = Table(
         "model version", "status", "kept objects", "kept bytes", f"{freed} objects", f"{freed} bytes",
-        "within grace", title=title,
+        "within grace", *extra, title=title,
     )  # fmt: skip
     for m in sorted(report.by_model.values(), key=lambda m: m.label):
+        more = [f"{m.evicted_chunks:,}", fmt_bytes(m.evicted_bytes), fmt_time(m.last_use)] if evicting else []
         table.add_row(
             m.label, m.status, f"{m.kept_objects:,}", fmt_bytes(m.kept_bytes), f"{m.freed_objects:,}",
-            fmt_bytes(m.freed_bytes), f"{m.young_objects:,}",
+            fmt_bytes(m.freed_bytes), f"{m.young_objects:,}", *more,
         )  # fmt: skip
     young = sum(m.young_objects for m in report.by_model.values())
     table.add_section()
+    total_more = [f"{report.evicted_chunks:,}", fmt_bytes(report.evicted_bytes), ""] if evicting else []
     table.add_row(
         "total", "", f"{report.kept_objects - young:,}", fmt_bytes(report.kept_bytes), f"{report.freed_objects:,}",
-        fmt_bytes(report.freed_bytes), f"{young:,}", style="bold",
+        fmt_bytes(report.freed_bytes), f"{young:,}", *total_more, style="bold",
     )  # fmt: skip
     return table
 
@@ -63,6 +68,14 @@ def _print_report(report: Any, console: Console) -> None:
         f"{report.chunks_reachable:,} chunks reachable; garbage: {reasons}; "
         f"grace {report.grace:g}s; took {report.elapsed:.2f}s"
     )
+    if report.bytes_after is not None:
+        budget = f" (budget {fmt_bytes(report.max_bytes)})" if report.max_bytes is not None else ""
+        console.print(
+            f"eviction: {fmt_bytes(report.bytes_before_eviction)} under chunks/ after the sweep, "
+            f"{fmt_bytes(report.bytes_after)} after evicting {report.evicted_chunks:,} chunks{budget}"
+        )
+    if report.budget_note:
+        console.print(f"[yellow]budget not met[/]: {report.budget_note}")
     for mid, why in report.protected_models.items():
         console.print(f"[yellow]left alone[/] model {mid}: {why}")
 
@@ -75,6 +88,19 @@ def _print_report(report: Any, console: Console) -> None:
     is_flag=True,
     help="Accept a grace of 60s or less (the retirement-check interval): it can delete what a writer is saving.",
 )
+@click.option(
+    "--max-bytes",
+    default=None,
+    metavar="SIZE",
+    help="Then evict the least recently used chunks until chunks/ holds at most SIZE (500GiB, 2TB, 800MB).",
+)
+@click.option(
+    "--max-idle",
+    default=None,
+    metavar="DURATION",
+    help="Then evict every chunk not used (itself or through a longer prompt) for this long (7d, 12h).",
+)
+@click.option("--namespace", default=None, help="Collect the namespace NAME of the store at URL (URL/namespaces/NAME).")
 @click.option("--dry-run", is_flag=True, help="Report what would be freed; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before a large deletion.")
 @click.option(
@@ -99,6 +125,9 @@ def gc_command(
     as_json: bool,
     grace: str,
     allow_short_grace: bool,
+    max_bytes: str | None,
+    max_idle: str | None,
+    namespace: str | None,
     dry_run: bool,
     yes: bool,
     confirm_threshold: int,
@@ -111,15 +140,27 @@ def gc_command(
     objects of uncommitted chunks, chunks whose chain is broken, stale tail
     markers and temporary files. Only objects older than --grace are deleted, so
     writers that are saving right now never lose a chunk; it must exceed the 60 s
-    retirement-check interval unless --allow-short-grace. Exit code 0 when done,
+    retirement-check interval unless --allow-short-grace.
+
+    With --max-bytes and/or --max-idle the run then evicts reachable chunks by
+    recency (recorded by every store's loads, lookups and saves in access
+    records): the ends of the least recently used chains first, never a chunk
+    used within --grace. Exit code 0 when done,
     1 on an error or when some deletion failed; an interrupted run leaves the
     store consistent and running it again finishes the job.
     """
     from kvstore.errors import InvalidInputError
     from kvstore.gc import GCReport, check_grace, run_gc
+    from kvstore.opening import namespace_url
 
+    try:
+        url = str(namespace_url(url, namespace))
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--namespace") from exc
     options = parse_options(storage_option, url)
     grace_s = parse_duration(grace)
+    budget = None if max_bytes is None else _param(parse_size, max_bytes, "--max-bytes")
+    idle = None if max_idle is None else _param(parse_duration, max_idle, "--max-idle")
     try:
         check_grace(grace_s, allow_short_grace, override="--allow-short-grace")
     except InvalidInputError as exc:
@@ -140,6 +181,8 @@ def gc_command(
                     progress=progress,
                     concurrency=concurrency,
                     allow_short_grace=allow_short_grace,
+                    max_bytes=budget,
+                    max_idle=idle,
                 )
 
         return run_async(ctx, work)
@@ -168,6 +211,13 @@ def gc_command(
             click.echo(f"kvstore: could not delete {failure.key}: {failure.error}", err=True)
         click.echo(f"kvstore: error: {report.failures_total:,} objects could not be deleted", err=True)
         ctx.exit(EXIT_ERROR)
+
+
+def _param(parse: Any, value: str, hint: str) -> Any:
+    try:
+        return parse(value)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint=hint) from None
 
 
 def _write_metrics(path: str, report: Any) -> None:

@@ -45,21 +45,39 @@ def _scan(ctx: click.Context, url: str, storage_option: tuple[str, ...], sample:
 @store_arguments
 @click.pass_context
 def ls_command(ctx: click.Context, url: str, storage_option: tuple[str, ...], as_json: bool) -> None:
-    """List model versions: status, committed chunks, bytes, last write."""
+    """List model versions: status, committed chunks, bytes, last write, last use; and namespaces under URL."""
     report = _scan(ctx, url, storage_option, 0, as_json)
     models = sorted(report.models.values(), key=lambda m: m.label)
+    spaces = [n for _, n in sorted(report.namespaces.items())]
     if as_json:
-        keys = ("label", "model_id", "status", "chunks", "objects", "bytes", "last_write", "retired_at", "retired_by")
+        keys = (
+            "label", "model_id", "status", "chunks", "objects", "bytes", "last_write", "last_use", "retired_at",
+            "retired_by",
+        )  # fmt: skip
         rows = [{k: getattr(m, k) for k in keys} for m in models]
-        click.echo(json.dumps({"url": url, "models": rows}, indent=2))
+        click.echo(json.dumps({"url": url, "models": rows, "namespaces": [n.as_dict() for n in spaces]}, indent=2))
         return
-    table = Table("model version", "status", "chunks", "objects", "bytes", "last write (UTC)", "retired (UTC) by")
+    table = Table(
+        "model version", "status", "chunks", "objects", "bytes", "last write (UTC)", "last use (UTC)",
+        "retired (UTC) by",
+    )  # fmt: skip
     for m in models:
         retired = f"{fmt_time(m.retired_at)} {m.retired_by}" if m.retired_at is not None else ""
         table.add_row(
-            m.label, m.status, f"{m.chunks:,}", f"{m.objects:,}", fmt_bytes(m.bytes), fmt_time(m.last_write), retired
-        )
-    make_console().print(table if models else "no models saved yet")
+            m.label, m.status, f"{m.chunks:,}", f"{m.objects:,}", fmt_bytes(m.bytes), fmt_time(m.last_write),
+            fmt_time(m.last_use), retired,
+        )  # fmt: skip
+    console = make_console()
+    console.print(table if models else "no models saved yet")
+    if spaces:
+        console.print(_namespace_table(spaces))
+
+
+def _namespace_table(spaces: list[Any]) -> Table:
+    table = Table("namespace", "chunks", "objects", "bytes", "last use (UTC)", title="namespaces")
+    for n in spaces:
+        table.add_row(n.name, f"{n.chunks:,}", f"{n.objects:,}", fmt_bytes(n.bytes), fmt_time(n.last_use))
+    return table
 
 
 @click.command("stats")
@@ -86,12 +104,14 @@ def stats_command(ctx: click.Context, url: str, storage_option: tuple[str, ...],
     for bucket, n in data["chunk_size_histogram"].items():
         hist.add_row(f"≤ {fmt_bytes(int(bucket[1:]))}", f"{n:,}")
     console.print(hist)
-    table = Table("model version", "status", "chunks", "bytes", "avg tokens/chunk", "compression")
+    table = Table("model version", "status", "chunks", "bytes", "last use (UTC)", "avg tokens/chunk", "compression")
     for m in sorted(report.models.values(), key=lambda m: m.label):
         avg = f"{m.sampled_tokens / m.sampled_chunks:.1f}" if m.sampled_chunks else "-"
         comp = f"{m.compression_ratio:.3f}" if m.compression_ratio else "-"
-        table.add_row(m.label, m.status, f"{m.chunks:,}", fmt_bytes(m.bytes), avg, comp)
+        table.add_row(m.label, m.status, f"{m.chunks:,}", fmt_bytes(m.bytes), fmt_time(m.last_use), avg, comp)
     console.print(table)
+    if report.namespaces:
+        console.print(_namespace_table([n for _, n in sorted(report.namespaces.items())]))
 
 
 @click.command("verify")

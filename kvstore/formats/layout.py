@@ -8,6 +8,7 @@
         c.0.0.0.0.0                                   data object: one shard holding every layer; its
                                                       create-only write commits the chunk
         tails/<n>                                     marker: a partial chunk of n tokens follows this one
+    access/<model-id>/<name>                          access record: chunk uses (kvstore/formats/access.py)
 
 Keys and model ids are lower-case hex. The two-level fan-out keeps any one
 directory (or listing prefix) to at most 256 entries before the chunk level.

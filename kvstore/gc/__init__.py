@@ -12,9 +12,10 @@ head, get, delete) plus bulk listing/deletion with aioboto3 on ``s3://``.
 
 from __future__ import annotations
 
+from kvstore.gc.evict_phase import check_eviction
 from kvstore.gc.marksweep import DEFAULT_GRACE, MIN_GRACE, check_grace, mark_and_sweep, run_gc
 from kvstore.gc.report import REASONS, GCProgress, GCReport, ModelUsage
-from kvstore.gc.usage import ModelStats, UsageReport, scan_usage
+from kvstore.gc.usage import ModelStats, NamespaceStats, UsageReport, scan_usage
 from kvstore.gc.verify import VerifyReport, verify_store
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "GCReport",
     "ModelStats",
     "ModelUsage",
+    "NamespaceStats",
     "UsageReport",
     "VerifyReport",
+    "check_eviction",
     "check_grace",
     "mark_and_sweep",
     "run_gc",

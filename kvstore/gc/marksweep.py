@@ -33,11 +33,14 @@ from kvstore.errors import (
     ObjectNotFoundError,
 )
 from kvstore.formats.keys import key_root
-from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker
+from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker, zarr_array_metadata
+from kvstore.gc.access_log import collect_access, read_access_log
 from kvstore.gc.bulk import BulkOps, open_bulk_ops
+from kvstore.gc.evict_phase import EvictColumns, EvictModel, EvictSettings, check_eviction, run_eviction
 from kvstore.gc.report import GCProgress, GCReport, ModelUsage
 from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
+from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
 from kvstore.store import LIVE_CHECK_TTL
@@ -80,6 +83,14 @@ def split_chunk_key(key: str) -> tuple[str, str, str] | None:
     return mid, k, rest
 
 
+def _meta_size(spec: ModelSpec, num_tokens: int, codec: str) -> int:
+    """Bytes of the zarr.json a writer of this chunk puts beside its data object."""
+    try:
+        return len(zarr_array_metadata(spec, num_tokens, codec))
+    except (InvalidInputError, FormatVersionError):  # a codec this version does not know
+        return 0
+
+
 def _contains(sorted_arr: np.ndarray, value: int) -> bool:
     i = int(sorted_arr.searchsorted(np.uint64(value)))
     return i < len(sorted_arr) and int(sorted_arr[i]) == value
@@ -93,6 +104,8 @@ class _Commits:
     parents: array[int] = field(default_factory=lambda: array("Q"))
     index: array[int] = field(default_factory=lambda: array("Q"))
     tokens: array[int] = field(default_factory=lambda: array("I"))
+    evict: EvictColumns | None = None
+    """Full keys, sizes and mtimes, kept only when the run evicts."""
 
 
 @dataclass(slots=True)
@@ -162,6 +175,8 @@ async def run_gc(
     progress: GCProgress | None = None,
     concurrency: int = 32,
     allow_short_grace: bool = False,
+    max_bytes: int | None = None,
+    max_idle: float | None = None,
 ) -> GCReport:
     """Open the store at ``url`` and run one mark-and-sweep; see ``mark_and_sweep``.
 
@@ -180,6 +195,8 @@ async def run_gc(
                 progress=progress,
                 concurrency=concurrency,
                 allow_short_grace=allow_short_grace,
+                max_bytes=max_bytes,
+                max_idle=max_idle,
             )
     finally:
         await backend.close()
@@ -195,6 +212,8 @@ async def mark_and_sweep(
     concurrency: int = 32,
     now: float | None = None,
     allow_short_grace: bool = False,
+    max_bytes: int | None = None,
+    max_idle: float | None = None,
 ) -> GCReport:
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
@@ -202,13 +221,23 @@ async def mark_and_sweep(
     to interrupt at any point: every deletion targets garbage, and running again
     finishes the job. Deletions that fail are counted and sampled in the report.
     A ``grace`` of ``MIN_GRACE`` or less is refused unless ``allow_short_grace``.
+
+    Eviction: with ``max_bytes`` the run then deletes the least recently used
+    reachable chunks (leaves of chains first) until the bytes under ``chunks/``
+    are at most ``max_bytes``; with ``max_idle`` (seconds) every chunk not used,
+    itself or through a chunk that extends it, for that long. Nothing used
+    within the grace is evicted. Every run also merges and compacts the access
+    records (docs/FORMAT.md, "Access records and eviction").
     """
     check_grace(grace, allow_short_grace)
+    check_eviction(max_bytes, max_idle)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise InvalidInputError(f"concurrency must be a positive int, got {concurrency!r}")
     started = time.monotonic()
     t0 = time.time() if now is None else now
     report = GCReport(url=backend.url, dry_run=dry_run, grace=float(grace), cutoff=t0 - grace)
+    report.max_bytes, report.max_idle = max_bytes, None if max_idle is None else float(max_idle)
+    evicting = max_bytes is not None or max_idle is not None
     prog: GCProgress = progress or _NullProgress()
     root = await read_root_record(backend)
     registry = await read_registry(backend)
@@ -218,16 +247,49 @@ async def mark_and_sweep(
     retired = {m.model_id.hex() for m in registry.models if m.retired}
     protected = {mid.hex(): why for mid, why in registry.unreadable.items()}
 
-    layers = {mid: m.spec.num_layers for mid, m in live.items()}
-    commits = await _mark_listing(backend, bulk, layers, protected, report, prog, concurrency)
-    marks = _marks({m: c for m, c in commits.items() if m not in protected}, roots, root.chunk_tokens)
+    log = await read_access_log(
+        backend, bulk, live=set(live), protected=set(protected), cutoff=report.cutoff, concurrency=concurrency
+    )
+    specs = {mid: m.spec for mid, m in live.items()}
+    commits = await _mark_listing(backend, bulk, specs, protected, report, prog, concurrency, track=evicting)
+    kept_commits = {m: c for m, c in commits.items() if m not in protected}
+    marks = _marks(kept_commits, roots, root.chunk_tokens)
     report.chunks_reachable = len(marks.reachable)
     report.protected_models = dict(protected)
 
     sweep = _Sweep(backend, bulk, report, prog, marks, set(live) - set(protected), retired, protected, dry_run)
     await sweep.run()
+    reach = {mid: _reach(c, roots[mid]) for mid, c in kept_commits.items()}
+    evicted: dict[str, np.ndarray] = {}
+    if evicting:
+        settings = EvictSettings(
+            max_bytes, None if max_idle is None else t0 - max_idle, report.cutoff, dry_run, concurrency
+        )
+        models = [_evict_model(mid, c, reach[mid]) for mid, c in kept_commits.items()]
+        for c in kept_commits.values():
+            c.evict = None  # copied into the models (reachable rows only): free the columns before planning
+        evicted = await run_eviction(backend, bulk, report, prog, models, log, settings)
+        for m in models:
+            if len(m.mtimes):
+                report.note_use(m.mid, float(m.mtimes.max()))
+    present = {mid: np.unique(np.frombuffer(c.keys, np.uint64)[reach[mid]]) for mid, c in kept_commits.items()}
+    await collect_access(backend, bulk, report, log, present, evicted, dry_run)
     report.elapsed = time.monotonic() - started
     return report
+
+
+def _evict_model(mid: str, c: _Commits, mask: np.ndarray) -> EvictModel:
+    assert c.evict is not None
+    e = c.evict
+    return EvictModel(
+        mid,
+        np.frombuffer(c.keys, np.uint64)[mask],
+        np.frombuffer(c.parents, np.uint64)[mask],
+        np.frombuffer(c.index, np.uint64)[mask].astype(np.int64),
+        np.frombuffer(e.digests, np.uint8).reshape(-1, 32)[mask],
+        np.frombuffer(e.sizes, np.uint64)[mask].astype(np.int64),
+        np.frombuffer(e.mtimes, np.float64)[mask],
+    )
 
 
 def check_grace(grace: float, allow_short_grace: bool, *, override: str = "allow_short_grace=True") -> None:
@@ -256,23 +318,26 @@ def _seed_models(report: GCReport, registry: Registry) -> None:
 async def _mark_listing(
     backend: ObjectStore,
     bulk: BulkOps,
-    live: dict[str, int],
+    live: dict[str, ModelSpec],
     protected: dict[str, str],
     report: GCReport,
     prog: GCProgress,
     concurrency: int,
+    *,
+    track: bool = False,
 ) -> dict[str, _Commits]:
     """First listing: read (concurrently, bounded) the header of every data object of a live model.
 
-    ``live`` maps each live model id (hex) to its number of layers.
+    ``live`` maps each live model id (hex) to its spec. With ``track`` (eviction) each
+    header's full key, chunk bytes (data object + zarr.json) and data mtime are kept too.
     """
     commits: dict[str, _Commits] = {}
     limit = asyncio.Semaphore(concurrency)
 
-    async def read(mid: str, khex: str, key: str, size: int) -> None:
+    async def read(mid: str, khex: str, key: str, size: int, mtime: float | None) -> None:
         try:
             try:
-                rec = (await read_head(backend, key, live[mid], size)).header
+                rec = (await read_head(backend, key, live[mid].num_layers, size)).header
             except ObjectNotFoundError:  # deleted since it was listed: not committed
                 return
             except IntegrityError:
@@ -282,11 +347,13 @@ async def _mark_listing(
                 return
             if rec.key.hex() != khex or rec.model_id.hex() != mid:
                 return
-            c = commits.setdefault(mid, _Commits())
+            c = commits.setdefault(mid, _Commits(evict=EvictColumns() if track else None))
             c.keys.append(_prefix64(rec.key))
             c.parents.append(_prefix64(rec.parent))
             c.index.append(rec.index)
             c.tokens.append(rec.num_tokens)
+            if c.evict is not None:  # zarr.json is derived from the spec, tokens and codec: its size too
+                c.evict.add(rec.key, size + _meta_size(live[mid], rec.num_tokens, rec.codec), mtime)
             report.commits_read += 1
             prog.advance("read", 1)
         finally:
@@ -308,7 +375,7 @@ async def _mark_listing(
             if parts is None or parts[2] != DATA_NAME or parts[0] not in live:
                 continue
             await limit.acquire()  # back-pressure: the listing waits while `concurrency` reads are pending
-            tg.create_task(read(parts[0], parts[1], meta.key, meta.size))
+            tg.create_task(read(parts[0], parts[1], meta.key, meta.size, meta.mtime))
         prog.advance("list", batch)
     prog.finish("list")
     prog.finish("read")

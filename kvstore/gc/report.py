@@ -18,6 +18,7 @@ REASONS = {
     "stale-tail": "tail markers whose partial chunk is not reachable",
     "temp": "temporary files of interrupted local writes",
     "malformed": "objects under chunks/ that do not follow the layout",
+    "evicted": "objects of reachable chunks evicted as least recently used (--max-bytes / --max-idle)",
 }
 """Why an object is garbage (keys of ``GCReport.reasons``)."""
 
@@ -38,6 +39,11 @@ class ModelUsage:
     freed_bytes: int = 0
     young_objects: int = 0
     young_bytes: int = 0
+    evicted_chunks: int = 0
+    """Reachable chunks evicted (to evict, in a dry run) as least recently used; counted in ``freed_*`` too."""
+    evicted_bytes: int = 0
+    last_use: float | None = None
+    """Latest use of any of its chunks: access records and data objects' modification times (Unix seconds)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -60,6 +66,33 @@ class GCReport:
     failures: list[DeleteFailure] = field(default_factory=list)
     failures_total: int = 0
     protected_models: dict[str, str] = field(default_factory=dict)
+    max_bytes: int | None = None
+    max_idle: float | None = None
+    bytes_before_eviction: int | None = None
+    """Bytes under chunks/ after the model-version sweep, before eviction (None without eviction)."""
+    bytes_after: int | None = None
+    budget_met: bool | None = None
+    """Whether ``max_bytes`` was reached (None without it); see ``budget_note`` when not."""
+    budget_note: str | None = None
+    access_records_read: int = 0
+    access_records_garbage: int = 0
+    """Access records of retired or unknown model versions, or damaged, older than the cutoff."""
+    access_records_written: int = 0
+    access_records_deleted: int = 0
+
+    def note_use(self, mid: str, when: float) -> None:
+        """A use of model ``mid`` (hex) at ``when``: keeps the latest in its ``last_use``."""
+        usage = self.by_model.get(mid)
+        if usage is not None:
+            usage.last_use = when if usage.last_use is None else max(usage.last_use, when)
+
+    @property
+    def evicted_chunks(self) -> int:
+        return sum(m.evicted_chunks for m in self.by_model.values())
+
+    @property
+    def evicted_bytes(self) -> int:
+        return sum(m.evicted_bytes for m in self.by_model.values())
 
     @property
     def freed_objects(self) -> int:
@@ -97,13 +130,25 @@ class GCReport:
             "reasons": dict(sorted(self.reasons.items())),
             "models": [m.as_dict() for m in sorted(self.by_model.values(), key=lambda m: m.label)],
             "protected_models": self.protected_models,
+            "max_bytes": self.max_bytes,
+            "max_idle_seconds": self.max_idle,
+            "evicted_chunks": self.evicted_chunks,
+            "evicted_bytes": self.evicted_bytes,
+            "bytes_before_eviction": self.bytes_before_eviction,
+            "bytes_after": self.bytes_after,
+            "budget_met": self.budget_met,
+            "budget_note": self.budget_note,
+            "access_records_read": self.access_records_read,
+            "access_records_garbage": self.access_records_garbage,
+            "access_records_written": self.access_records_written,
+            "access_records_deleted": self.access_records_deleted,
             "delete_failures": self.failures_total,
             "delete_failure_samples": [{"key": f.key, "error": f.error} for f in self.failures],
         }
 
 
 class GCProgress(Protocol):
-    """Progress callbacks: phases ``list`` (mark listing), ``read`` (chunk headers), ``sweep``."""
+    """Progress callbacks: phases ``list`` (mark listing), ``read`` (chunk headers), ``sweep``, ``evict``."""
 
     def start(self, phase: str, total: int | None) -> None: ...
 

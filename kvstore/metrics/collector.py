@@ -57,6 +57,21 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "disk_evictions",
         "Copies the disk tier removed, least recently used first, to stay within disk_cache_bytes.",
     ),
+    (
+        "kvstore_access_records_written_total",
+        "access_records_written",
+        "Access records (batches of chunk uses) written.",
+    ),
+    (
+        "kvstore_access_flush_failures_total",
+        "access_flush_failures",
+        "Access-record writes that failed; their entries wait for the next flush.",
+    ),
+    (
+        "kvstore_access_entries_dropped_total",
+        "access_entries_dropped",
+        "Chunk uses not recorded because a batch was full.",
+    ),
     ("kvstore_request_retries_total", "retries", "Requests sent again after a transient failure."),
     ("kvstore_request_timeouts_total", "timeouts", "Request attempts that hit the per-request timeout."),
     ("kvstore_request_failures_total", "failures", "Requests that failed after all their attempts."),

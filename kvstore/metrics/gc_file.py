@@ -60,6 +60,17 @@ class GCReportCollector(Collector):
         yield per_model(
             "kvstore_gc_young_objects", "Garbage objects kept because they are within the grace.", "young_objects"
         )
+        yield per_model(
+            "kvstore_gc_evicted_chunks",
+            "Reachable chunks evicted as least recently used (to evict, in a dry run), by model version.",
+            "evicted_chunks",
+        )
+        yield per_model("kvstore_gc_evicted_bytes", "Bytes of the chunks evicted, by model version.", "evicted_bytes")
+        yield gauge(
+            "kvstore_gc_budget_met",
+            "0 when --max-bytes could not be met (what is left was used within the grace), else 1.",
+            rep.budget_met is not False,
+        )
         garbage = GaugeMetricFamily(
             "kvstore_gc_garbage_objects",
             "Garbage objects found, by reason (see kvstore.gc.REASONS).",

@@ -1,5 +1,10 @@
-"""Property: whatever saves, retirements, damage and crashed writers came before, a GC deletes
-nothing reachable from a live model version, and (with no grace) everything else under chunks/."""
+"""Property: whatever saves, loads, retirements, damage, crashed writers and evictions came before, a GC
+deletes nothing reachable from a live model version, and (with no grace) everything else under chunks/;
+an eviction never deletes a reachable chunk used within the grace (nor what it depends on); and a load
+never returns wrong data.
+
+Uses are stamped by a clock of the machine's own (``kvstore.access.wall_clock``), 100 s per step and
+far ahead of the objects' real mtimes, so only the access records tell what was used recently."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvstore
+import kvstore.access
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
 from kvstore.formats.layout import chunk_prefix, data_path, tails_prefix
 from kvstore.storage import open_object_store
@@ -23,6 +29,7 @@ from kvstore.storage import open_object_store
 CHUNK = 4
 VERSIONS = ("v1", "v2", "v3")
 BASES = [list(range(500 * b, 500 * b + 20)) for b in range(2)]
+EVICT_GRACE = 250.0  # the last two steps' uses
 
 
 def _spec(version: str) -> kvstore.ModelSpec:
@@ -43,15 +50,26 @@ class GCMachine(RuleBasedStateMachine):
         self.saved: dict[str, set[tuple[int, int]]] = {v: set() for v in VERSIONS}
         self.retired: set[str] = set()
         self.dirty = False  # set by rules that make garbage: the next invariant check runs a GC
+        self.clock = time.time() + 10_000
+        self.uses: dict[tuple[str, bytes], float] = {}  # (version, chunk key) -> last recorded use
+        self._wall_clock = kvstore.access.wall_clock
+        kvstore.access.wall_clock = lambda: self.clock
 
     def teardown(self) -> None:
+        kvstore.access.wall_clock = self._wall_clock
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _used(self, version: str, tokens: list[int]) -> None:
+        for key in chunk_keys(_spec(version), normalize_tokens(tokens), CHUNK):
+            self.uses[(version, key.digest)] = self.clock
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run(coro)
 
     @rule(version=st.sampled_from(VERSIONS), base=st.integers(0, 1), n=st.integers(1, 20))
     def save(self, version: str, base: int, n: int) -> None:
+        self.clock += 100
+
         async def go() -> None:
             async with kvstore.open(self.url, chunk_tokens=CHUNK) as store:
                 await store.save_prefix(_spec(version), BASES[base][:n], _kv(base, n))
@@ -64,6 +82,59 @@ class GCMachine(RuleBasedStateMachine):
             raise AssertionError("a save under a retired version was accepted")
         self._run(go())
         self.saved[version].add((base, n))
+        self._used(version, BASES[base][:n])
+
+    @precondition(lambda self: any(self.saved.values()))
+    @rule(data=st.data())
+    def use(self, data: st.DataObject) -> None:
+        """Load a saved prompt (or a prefix of it): a recorded use of the chunks it hits."""
+        self.clock += 100
+        version = data.draw(st.sampled_from([v for v in VERSIONS if self.saved[v]]))
+        base, n = data.draw(st.sampled_from(sorted(self.saved[version])))
+        n = data.draw(st.integers(1, n))
+
+        async def go() -> int:
+            async with kvstore.open(self.url) as store:
+                hit = await store.load_prefix(_spec(version), BASES[base][:n])
+                return hit.num_tokens
+
+        got = self._run(go())
+        if version not in self.retired:
+            self._used(version, BASES[base][:got])
+
+    @precondition(lambda self: any(self.saved.values()))
+    @rule(share=st.sampled_from([0.0, 0.3, 0.7, None]), idle=st.sampled_from([None, 150.0, 450.0]))
+    def evict(self, share: float | None, idle: float | None) -> None:
+        """Evict down to a share of the chunk bytes and/or what was idle: never a chunk used within the grace."""
+        if share is None and idle is None:
+            return
+        now = self.clock + 1
+
+        async def present() -> dict[str, int]:
+            backend = await open_object_store(self.url)
+            out = {m.key: m.size async for m in backend.list("chunks/")}
+            await backend.close()
+            return out
+
+        before = self._run(present())
+        budget = None if share is None else int(sum(before.values()) * share)
+        report = self._run(run_gc_at(self.url, None, grace=EVICT_GRACE, now=now, max_bytes=budget, max_idle=idle))
+        assert report.ok
+        after = self._run(present())
+        for version in VERSIONS:
+            if version in self.retired:
+                continue
+            spec, mid = _spec(version), model_id(_spec(version))
+            for base, n in self.saved[version]:
+                keys = chunk_keys(spec, normalize_tokens(BASES[base][:n]), CHUNK)
+                for i, key in enumerate(keys):
+                    if data_path(chunk_prefix(mid, key.digest)) not in before:
+                        break
+                    if self.uses.get((version, key.digest), 0.0) >= now - EVICT_GRACE:
+                        for k in keys[: i + 1]:  # it, and the whole chain it depends on
+                            path = data_path(chunk_prefix(mid, k.digest))
+                            assert path in after, f"evicted {path}, used within the grace"
+        self.dirty = True
 
     @precondition(lambda self: any(self.saved.values()))
     @rule(version=st.sampled_from(VERSIONS))
@@ -160,8 +231,8 @@ class GCMachine(RuleBasedStateMachine):
 
     @invariant()
     def live_prompts_load_what_is_reachable(self) -> None:
-        async def go() -> None:
-            async with kvstore.open(self.url, chunk_tokens=CHUNK) as store:
+        async def go() -> None:  # checking is not a use: it must not protect anything from eviction
+            async with kvstore.open(self.url, chunk_tokens=CHUNK, record_access=False) as store:
                 for version in VERSIONS:
                     if version in self.retired:
                         continue

@@ -40,7 +40,15 @@ def test_config_reads_store_options_and_rejects_typos() -> None:
     assert cfg.url == "s3://b/kv"
     assert cfg.open_options == {"storage_options": {"endpoint_url": "http://x"}, "namespace": "t"}
     assert cfg.model_version == "v9"
-    for bad in ({}, {"url": "x", "nmespace": "t"}, {"url": "x", "verify": 1}, {"url": "x", "load_timeout_s": -1}):
+    access = ConnectorConfig.from_extra_config({"url": "x", "record_access": True, "access_flush_interval": 10})
+    assert access.open_options == {"record_access": True, "access_flush_interval": 10}  # JSON's 10.0
+    for bad in (
+        {},
+        {"url": "x", "nmespace": "t"},
+        {"url": "x", "verify": 1},
+        {"url": "x", "load_timeout_s": -1},
+        {"url": "x", "access_flush_interval": "30"},
+    ):
         with pytest.raises(InvalidInputError):
             ConnectorConfig.from_extra_config(bad)
 

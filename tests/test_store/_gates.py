@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvstore.access import ACCESS_FLUSH_TASK
 from kvstore.errors import StoreUnavailableError
 from kvstore.formats.layout import DATA_NAME
 from kvstore.formats.shard import parse_head
@@ -100,5 +101,9 @@ async def wait_held(backend: Any, n: int = 1) -> None:
 
 
 def only_this_task() -> bool:
-    """True when no other task is alive: a cancelled load left nothing running behind."""
-    return asyncio.all_tasks() == {asyncio.current_task()}
+    """True when no other task is alive: a cancelled load left nothing running behind.
+
+    The store's own access-record flusher (one per store, alive until ``close()``) does not count.
+    """
+    others = {t for t in asyncio.all_tasks() if t.get_name() != ACCESS_FLUSH_TASK}
+    return others == {asyncio.current_task()}

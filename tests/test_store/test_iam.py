@@ -232,8 +232,10 @@ async def test_the_same_prompt_in_two_namespaces_writes_two_sets_of_objects(
         assert result.chunks_written == 3
         assert result.chunks_skipped == 0
         written[namespace] = _keys_under(tenants, namespace) - before
-    assert written["a"]
-    assert written["a"] == written["b"]  # the same relative layout, stored twice
+    records = {ns: {k for k in keys if k.startswith("access/")} for ns, keys in written.items()}
+    assert [len(r) for r in records.values()] == [1, 1]  # each store's access record (named by its writer id)
+    assert written["a"] - records["a"]
+    assert written["a"] - records["a"] == written["b"] - records["b"]  # the same relative layout, stored twice
 
 
 async def test_a_revoked_policy_turns_loads_into_counted_misses_and_saves_into_errors(

@@ -81,5 +81,7 @@ def _check_open_option(key: str, value: Any) -> None:
     hint = typing.get_type_hints(OpenOptions)[key]
     options = typing.get_args(hint) or (hint,)
     allowed = tuple(t for a in options if isinstance(t := typing.get_origin(a) or a, type))
+    if float in allowed:  # JSON writes 30.0 as 30
+        allowed += (int,)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed and int in allowed):
         raise InvalidInputError(f"kv_connector_extra_config[{key!r}] is invalid: {value!r}")
