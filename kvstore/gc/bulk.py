@@ -1,4 +1,12 @@
-"""Bulk listing and deletion for store maintenance: aioboto3 on S3, the ObjectStore elsewhere."""
+"""Bulk listing and deletion for store maintenance: aioboto3 on S3, the ObjectStore elsewhere.
+
+Listings of a whole bucket fan out: ``plan_partitions`` walks the first levels of
+the key tree with one-level (delimiter) listings and splits what lies below into
+partitions that can be listed at the same time (for ``chunks/``, one per model
+and fan-out prefix ``chunks/<mid>/<aa>/``). Every object is in exactly one
+partition, and a partition lists its objects in key order, so a chunk's objects
+still arrive together.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +15,97 @@ import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvstore._tasks import task_group
+from kvstore._tasks import run_all, task_group
 from kvstore.errors import KVStoreError
 from kvstore.storage import LocalObjectStore, ObjectMeta, ObjectStore
+from kvstore.storage.base import translate_errors
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
 
-__all__ = ["BulkOps", "DeleteFailure", "LocalBulkOps", "StoreBulkOps", "open_bulk_ops"]
+__all__ = [
+    "BulkOps",
+    "DeleteFailure",
+    "LocalBulkOps",
+    "Partition",
+    "StoreBulkOps",
+    "list_partition",
+    "open_bulk_ops",
+    "plan_partitions",
+]
 
 
 class BulkOps(Protocol):
-    """A stream of objects under a prefix, and deletion that reports each key it could not delete."""
+    """A stream of objects under a prefix, and deletion that reports each key it could not delete.
+
+    ``fan_out`` is how many partitions of a listing may be listed at once; a
+    backend that cannot list one level of the key tree declares 1 (and is then
+    listed in one stream), the others answer ``list_level``.
+    """
+
+    fan_out: int
 
     def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]: ...
+
+    async def list_level(self, prefix: str) -> tuple[list[str], list[ObjectMeta]]:
+        """(sub-prefixes ending in '/', objects directly under ``prefix``), as a delimiter listing gives them."""
+        ...
 
     async def delete_objects(self, keys: Sequence[str]) -> list[DeleteFailure]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """A unit of a fan-out listing: every object under ``prefix`` (``deep``) or only those directly in it."""
+
+    prefix: str
+    deep: bool = True
+
+
+async def plan_partitions(bulk: BulkOps, prefix: str, *, depth: int = 2) -> list[Partition]:
+    """Split the listing under ``prefix`` into partitions ``depth`` levels down, sorted by prefix.
+
+    Loose objects at the levels walked (keys that do not follow the layout) form
+    shallow partitions of their own, so the partitions cover exactly what one
+    listing of ``prefix`` returns.
+    """
+    if bulk.fan_out <= 1:
+        return [Partition(prefix)]
+    out: list[Partition] = []
+    level = [prefix]
+    limit = asyncio.Semaphore(bulk.fan_out)
+
+    async def one(p: str) -> tuple[list[str], list[ObjectMeta]]:
+        async with limit:
+            return await bulk.list_level(p)
+
+    for _ in range(depth):
+        found = await run_all(one(p) for p in level)
+        nxt: list[str] = []
+        for p, (subs, objects) in zip(level, found, strict=True):
+            if objects:
+                out.append(Partition(p, deep=False))
+            nxt.extend(subs)
+        level = nxt
+    out.extend(Partition(p) for p in level)
+    return sorted(out, key=lambda p: p.prefix)
+
+
+async def list_partition(bulk: BulkOps, part: Partition) -> AsyncIterator[ObjectMeta]:
+    """The objects of one partition, in key order within each chunk."""
+    if part.deep:
+        async for meta in bulk.list_objects(part.prefix):
+            yield meta
+        return
+    for meta in (await bulk.list_level(part.prefix))[1]:
+        yield meta
+
+
 class StoreBulkOps:
-    """Any ObjectStore: its own listing, and deletes in batches of up to 1000, a few in flight."""
+    """Any ObjectStore: its own listing (one stream), and deletes in batches of up to 1000, a few in flight."""
+
+    fan_out = 1
 
     def __init__(self, backend: ObjectStore, *, max_in_flight: int = 4) -> None:
         self._backend = backend
@@ -34,6 +113,18 @@ class StoreBulkOps:
 
     def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         return self._backend.list(prefix)
+
+    async def list_level(self, prefix: str) -> tuple[list[str], list[ObjectMeta]]:
+        """Derived from a full listing (this backend has no delimiter listing): for small stores only."""
+        subs: set[str] = set()
+        objects: list[ObjectMeta] = []
+        async for meta in self._backend.list(prefix):
+            head, sep, _ = meta.key[len(prefix) :].partition("/")
+            if sep:
+                subs.add(prefix + head + "/")
+            else:
+                objects.append(meta)
+        return sorted(subs), objects
 
     async def delete_objects(self, keys: Sequence[str]) -> list[DeleteFailure]:
         failures: list[DeleteFailure] = []
@@ -52,15 +143,17 @@ class StoreBulkOps:
 
 
 class LocalBulkOps(StoreBulkOps):
-    """A local directory: the tree is walked in a worker thread, thousands of entries per hop to the loop.
+    """A local directory: the tree is walked in worker threads, thousands of entries per hop to the loop.
 
     (The ObjectStore's own listing hops once per directory; a chunk has about
     seven directories, which made listing the GC's bottleneck on local stores.)
     """
 
-    def __init__(self, backend: LocalObjectStore, *, max_in_flight: int = 4) -> None:
+    def __init__(self, backend: LocalObjectStore, *, max_in_flight: int = 4, fan_out: int = 4) -> None:
         super().__init__(backend, max_in_flight=max_in_flight)
         self._root = str(backend.root)
+        self._url = backend.url
+        self.fan_out = fan_out
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         start = os.path.join(self._root, prefix.rstrip("/")) if prefix else self._root
@@ -68,6 +161,31 @@ class LocalBulkOps(StoreBulkOps):
         while batch := await asyncio.to_thread(lambda: list(itertools.islice(walker, 4096))):
             for meta in batch:
                 yield meta
+
+    async def list_level(self, prefix: str) -> tuple[list[str], list[ObjectMeta]]:
+        start = os.path.join(self._root, prefix.rstrip("/")) if prefix else self._root
+        with translate_errors(self._url, prefix, "list"):
+            return await asyncio.to_thread(_level, start, prefix)
+
+
+def _level(directory: str, prefix: str) -> tuple[list[str], list[ObjectMeta]]:
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    subs: list[str] = []
+    objects: list[ObjectMeta] = []
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                subs.append(f"{prefix}{entry.name}/")
+                continue
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        objects.append(ObjectMeta(prefix + entry.name, st.st_size, st.st_mtime))
+    return sorted(subs), sorted(objects, key=lambda m: m.key)
 
 
 def _walk(start: str, cut: int) -> Iterator[ObjectMeta]:
@@ -94,15 +212,24 @@ def _walk(start: str, cut: int) -> Iterator[ObjectMeta]:
 
 @contextlib.asynccontextmanager
 async def open_bulk_ops(
-    backend: ObjectStore, url: str, storage_options: dict[str, Any] | None = None, *, max_in_flight: int = 8
+    backend: ObjectStore,
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    max_in_flight: int = 8,
+    fan_out: int | None = None,
 ) -> AsyncIterator[BulkOps]:
-    """aioboto3 bulk operations for ``s3://`` URLs, the backend's own calls for everything else."""
+    """aioboto3 bulk operations for ``s3://`` URLs, the backend's own calls for everything else.
+
+    ``fan_out`` bounds the partitions listed at once (default 16 on S3, 4 on a
+    local directory; 1 lists in one stream).
+    """
     if url.startswith(("s3://", "s3a://")):
         from kvstore.storage.s3_batch import S3BatchClient
 
-        async with S3BatchClient(url, storage_options, max_in_flight=max_in_flight) as client:
+        async with S3BatchClient(url, storage_options, max_in_flight=max_in_flight, fan_out=fan_out or 16) as client:
             yield client
     elif isinstance(backend, LocalObjectStore):
-        yield LocalBulkOps(backend, max_in_flight=min(max_in_flight, 4))
+        yield LocalBulkOps(backend, max_in_flight=min(max_in_flight, 4), fan_out=fan_out or 4)
     else:
         yield StoreBulkOps(backend, max_in_flight=min(max_in_flight, 4))

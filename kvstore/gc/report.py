@@ -60,6 +60,8 @@ class GCReport:
     failures: list[DeleteFailure] = field(default_factory=list)
     failures_total: int = 0
     protected_models: dict[str, str] = field(default_factory=dict)
+    checkpoint: str = ""
+    """With a checkpoint file: whether this run resumed an interrupted one, or why it started afresh."""
 
     @property
     def freed_objects(self) -> int:
@@ -99,6 +101,7 @@ class GCReport:
             "protected_models": self.protected_models,
             "delete_failures": self.failures_total,
             "delete_failure_samples": [{"key": f.key, "error": f.error} for f in self.failures],
+            "checkpoint": self.checkpoint,
         }
 
 
