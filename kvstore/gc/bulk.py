@@ -30,6 +30,7 @@ __all__ = [
     "LocalBulkOps",
     "Partition",
     "StoreBulkOps",
+    "list_fanned_out",
     "list_partition",
     "open_bulk_ops",
     "plan_partitions",
@@ -100,6 +101,21 @@ async def list_partition(bulk: BulkOps, part: Partition) -> AsyncIterator[Object
         return
     for meta in (await bulk.list_level(part.prefix))[1]:
         yield meta
+
+
+async def list_fanned_out(bulk: BulkOps, prefix: str) -> list[list[ObjectMeta]]:
+    """Every partition's objects under ``prefix``, in plan order, ``bulk.fan_out`` partitions listed at a time.
+
+    Holds the whole listing: for tools and tests (the GC streams each partition).
+    """
+    plan = await plan_partitions(bulk, prefix)
+    limit = asyncio.Semaphore(bulk.fan_out)
+
+    async def one(part: Partition) -> list[ObjectMeta]:
+        async with limit:
+            return [meta async for meta in list_partition(bulk, part)]
+
+    return await run_all(one(p) for p in plan)
 
 
 class StoreBulkOps:
