@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ __all__ = [
     "BulkOps",
     "DeleteFailure",
     "LocalBulkOps",
+    "SPLIT_MIN",
     "Partition",
     "StoreBulkOps",
     "list_fanned_out",
@@ -37,15 +38,26 @@ __all__ = [
 ]
 
 
+SPLIT_MIN = 256
+"""A prefix is split into its sub-prefixes when a sampled sub-prefix holds at least this many objects.
+
+Each partition costs at least one request: below about a quarter of a page per
+fan-out prefix (a model of ~64k objects), listing the model in one stream of
+full pages is cheaper than 256 small listings, however parallel.
+"""
+
+
 class BulkOps(Protocol):
     """A stream of objects under a prefix, and deletion that reports each key it could not delete.
 
     ``fan_out`` is how many partitions of a listing may be listed at once; a
     backend that cannot list one level of the key tree declares 1 (and is then
-    listed in one stream), the others answer ``list_level``.
+    listed in one stream), the others answer ``list_level``. ``split_min`` is
+    the ``SPLIT_MIN`` of ``plan_partitions`` for this backend.
     """
 
     fan_out: int
+    split_min: int
 
     def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]: ...
 
@@ -64,32 +76,58 @@ class Partition:
     deep: bool = True
 
 
-async def plan_partitions(bulk: BulkOps, prefix: str, *, depth: int = 2) -> list[Partition]:
-    """Split the listing under ``prefix`` into partitions ``depth`` levels down, sorted by prefix.
+async def plan_partitions(bulk: BulkOps, prefix: str, *, depth: int = 2, done: Collection[str] = ()) -> list[Partition]:
+    """Split the listing under ``prefix`` into partitions down to ``depth`` levels, sorted by prefix.
 
-    Loose objects at the levels walked (keys that do not follow the layout) form
-    shallow partitions of their own, so the partitions cover exactly what one
-    listing of ``prefix`` returns.
+    Below the first level a prefix is split only when it is big (one of its
+    first, middle and last sub-prefixes holds ``bulk.split_min`` objects or
+    more; always when ``split_min`` is 0) or when ``done`` (the
+    partitions a resumed run has finished) holds partitions under it; so for
+    ``chunks/``: one partition per small model, one per fan-out prefix
+    ``chunks/<mid>/<aa>/`` of a big one. Loose objects at the levels walked
+    (keys that do not follow the layout) form shallow partitions of their own,
+    so the partitions cover exactly what one listing of ``prefix`` returns.
     """
     if bulk.fan_out <= 1:
         return [Partition(prefix)]
     out: list[Partition] = []
-    level = [prefix]
     limit = asyncio.Semaphore(bulk.fan_out)
 
-    async def one(p: str) -> tuple[list[str], list[ObjectMeta]]:
+    async def level_of(p: str) -> tuple[list[str], list[ObjectMeta]]:
         async with limit:
             return await bulk.list_level(p)
 
-    for _ in range(depth):
-        found = await run_all(one(p) for p in level)
+    async def split(p: str) -> tuple[str, tuple[list[str], list[ObjectMeta]] | None]:
+        """``p`` and its level listing when it is to be split, else None."""
+        if p in done:
+            return p, None
+        found = await level_of(p)
+        subs = found[0]
+        if bulk.split_min <= 0 or any(d.startswith(p) and d != p for d in done):
+            return p, found
+        # Up to three samples: on a local directory a deleted chunk leaves empty directories behind.
+        for sample in dict.fromkeys([subs[0], subs[len(subs) // 2], subs[-1]] if subs else []):
+            async with limit:
+                n = 0
+                async for _ in bulk.list_objects(sample):
+                    n += 1
+                    if n >= bulk.split_min:
+                        return p, found
+        return p, None
+
+    levels = [(prefix, await level_of(prefix))]
+    for d in range(depth):
         nxt: list[str] = []
-        for p, (subs, objects) in zip(level, found, strict=True):
+        for p, (subs, objects) in levels:
             if objects:
                 out.append(Partition(p, deep=False))
             nxt.extend(subs)
-        level = nxt
-    out.extend(Partition(p) for p in level)
+        if d + 1 == depth:
+            out.extend(Partition(p) for p in nxt)
+            break
+        decided = await run_all(split(p) for p in nxt)
+        out.extend(Partition(p) for p, found in decided if found is None)
+        levels = [(p, found) for p, found in decided if found is not None]
     return sorted(out, key=lambda p: p.prefix)
 
 
@@ -122,6 +160,7 @@ class StoreBulkOps:
     """Any ObjectStore: its own listing (one stream), and deletes in batches of up to 1000, a few in flight."""
 
     fan_out = 1
+    split_min = SPLIT_MIN
 
     def __init__(self, backend: ObjectStore, *, max_in_flight: int = 4) -> None:
         self._backend = backend
@@ -165,11 +204,14 @@ class LocalBulkOps(StoreBulkOps):
     seven directories, which made listing the GC's bottleneck on local stores.)
     """
 
-    def __init__(self, backend: LocalObjectStore, *, max_in_flight: int = 4, fan_out: int = 4) -> None:
+    def __init__(
+        self, backend: LocalObjectStore, *, max_in_flight: int = 4, fan_out: int = 4, split_min: int = SPLIT_MIN
+    ) -> None:
         super().__init__(backend, max_in_flight=max_in_flight)
         self._root = str(backend.root)
         self._url = backend.url
         self.fan_out = fan_out
+        self.split_min = split_min
 
     async def list_objects(self, prefix: str) -> AsyncIterator[ObjectMeta]:
         start = os.path.join(self._root, prefix.rstrip("/")) if prefix else self._root
@@ -234,18 +276,21 @@ async def open_bulk_ops(
     *,
     max_in_flight: int = 8,
     fan_out: int | None = None,
+    split_min: int = SPLIT_MIN,
 ) -> AsyncIterator[BulkOps]:
     """aioboto3 bulk operations for ``s3://`` URLs, the backend's own calls for everything else.
 
     ``fan_out`` bounds the partitions listed at once (default 16 on S3, 4 on a
-    local directory; 1 lists in one stream).
+    local directory; 1 lists in one stream); ``split_min``: see ``plan_partitions``.
     """
     if url.startswith(("s3://", "s3a://")):
         from kvstore.storage.s3_batch import S3BatchClient
 
-        async with S3BatchClient(url, storage_options, max_in_flight=max_in_flight, fan_out=fan_out or 16) as client:
+        async with S3BatchClient(
+            url, storage_options, max_in_flight=max_in_flight, fan_out=fan_out or 16, split_min=split_min
+        ) as client:
             yield client
     elif isinstance(backend, LocalObjectStore):
-        yield LocalBulkOps(backend, max_in_flight=min(max_in_flight, 4), fan_out=fan_out or 4)
+        yield LocalBulkOps(backend, max_in_flight=min(max_in_flight, 4), fan_out=fan_out or 4, split_min=split_min)
     else:
         yield StoreBulkOps(backend, max_in_flight=min(max_in_flight, 4))

@@ -169,8 +169,8 @@ def _marks(commits: dict[str, _Commits], roots: dict[str, int], chunk_tokens: in
         c = commits[mid]
         keys = np.frombuffer(c.keys, np.uint64)
         hits = int(np.count_nonzero(mask))
-        reachable[r : r + hits] = keys[mask]
-        unreachable[u : u + len(mask) - hits] = keys[~mask]
+        np.compress(mask, keys, out=reachable[r : r + hits])
+        np.compress(~mask, keys, out=unreachable[u : u + len(mask) - hits])
         r, u = r + hits, u + len(mask) - hits
         tokens = np.frombuffer(c.tokens, np.uint32)
         tails = mask & (tokens < chunk_tokens)
@@ -249,7 +249,8 @@ async def mark_and_sweep(
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
     Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Both
-    listings fan out over the store's partitions (``chunks/<model>/<aa>/``), ``bulk.fan_out`` at a time. Safe
+    listings fan out over the store's partitions (per model, and per ``chunks/<model>/<aa>/`` for a big model;
+    ``kvstore.gc.bulk.plan_partitions``), ``bulk.fan_out`` at a time. Safe
     to interrupt at any point: every deletion targets garbage, and running again
     finishes the job. With ``checkpoint`` (a local file path) finished partitions are recorded there and a run
     started again with the same file resumes: same cutoff, no header read twice, counts that add up
@@ -323,7 +324,7 @@ def _seed_models(report: GCReport, registry: Registry) -> None:
 
 async def _each_partition(bulk: BulkOps, done: set[str], work: Callable[[Partition], Awaitable[None]]) -> None:
     """Plan the partitions of ``chunks/`` and run ``work`` on each not in ``done``, ``bulk.fan_out`` at a time."""
-    plan = await plan_partitions(bulk, CHUNKS_DIR + "/")
+    plan = await plan_partitions(bulk, CHUNKS_DIR + "/", done=done)
     slots = asyncio.Semaphore(bulk.fan_out)
 
     async def one(part: Partition) -> None:

@@ -59,13 +59,21 @@ class S3BatchClient:
     """One aioboto3 S3 client for a store root; use as ``async with S3BatchClient(url, options)``."""
 
     def __init__(
-        self, url: str, storage_options: dict[str, Any] | None = None, *, max_in_flight: int = 8, fan_out: int = 16
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        max_in_flight: int = 8,
+        fan_out: int = 16,
+        split_min: int = 256,
     ) -> None:
         self.url = url
         self.bucket, self.root = _split_url(url)
         self.max_in_flight = max_in_flight
         self.fan_out = fan_out
         """How many prefixes a fan-out listing (``kvstore.gc.bulk.plan_partitions``) lists at once."""
+        self.split_min = split_min
+        """Objects in a prefix's first sub-prefix from which ``plan_partitions`` splits it."""
         self._options = dict(storage_options or {})
         self._client: Any = None
         self._client_cm: Any = None

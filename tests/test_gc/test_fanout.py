@@ -11,15 +11,16 @@ from gc_helpers import put_raw
 import kvstore
 from kvstore.formats.keys import model_id
 from kvstore.formats.layout import chunk_prefix
-from kvstore.gc.bulk import Partition, list_fanned_out, open_bulk_ops, plan_partitions
+from kvstore.gc.bulk import SPLIT_MIN, Partition, list_fanned_out, open_bulk_ops, plan_partitions
 from kvstore.storage import open_object_store
 
 CHUNK = 4
 
 
+@pytest.mark.parametrize("split_min", [1, SPLIT_MIN])
 @pytest.mark.parametrize("backend", ["memory", "local", "moto"])
 async def test_fan_out_lists_exactly_the_objects_of_one_listing(
-    store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+    store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any], split_min: int
 ) -> None:
     url, opts = store_url
     specs = [make_spec(version="v1"), make_spec(version="v2")]
@@ -39,7 +40,7 @@ async def test_fan_out_lists_exactly_the_objects_of_one_listing(
     await put_raw(url, opts, odd)
     backend = await open_object_store(url, opts)
     try:
-        async with open_bulk_ops(backend, url, opts) as bulk:
+        async with open_bulk_ops(backend, url, opts, split_min=split_min) as bulk:
             one = [(m.key, m.size) async for m in bulk.list_objects("chunks/")]
             plan = await plan_partitions(bulk, "chunks/")
             parts = await list_fanned_out(bulk, "chunks/")
@@ -50,12 +51,15 @@ async def test_fan_out_lists_exactly_the_objects_of_one_listing(
             assert {k for k, _ in one} >= set(odd) - {"models/not-listed.msgpack"}
             if backend.url.startswith("memory"):
                 assert plan == [Partition("chunks/")]  # no delimiter listing there: one stream
-            else:
+            elif split_min == 1:  # every model is split into its fan-out prefixes
                 assert bulk.fan_out > 1
                 assert Partition("chunks/", deep=False) in plan
                 assert Partition(f"chunks/{mid}/", deep=False) in plan
                 assert Partition(f"chunks/{mid}/zz/") in plan
                 assert len(plan) > 40
+            else:  # small models are listed whole, one partition each
+                models = {f"chunks/{model_id(s).hex()}/" for s in specs} | {"chunks/not-a-model/"}
+                assert plan == [Partition("chunks/", deep=False), *(Partition(p) for p in sorted(models))]
             for part, objects in zip(plan, parts, strict=True):
                 assert all(m.key.startswith(part.prefix) for m in objects)
                 if not part.deep:

@@ -39,7 +39,7 @@ class _Interrupting:
 
     def __init__(self, inner: BulkOps, *, deletes: int | None = None, listings: int | None = None) -> None:
         self.inner, self.deletes, self.listings = inner, deletes, listings
-        self.fan_out = inner.fan_out
+        self.fan_out, self.split_min = inner.fan_out, inner.split_min
         self.delete_calls = self.list_calls = 0
         self._lock = asyncio.Lock()
 
@@ -80,7 +80,7 @@ async def _make_store(url: str, make_spec: Callable[..., Any], make_kv: Callable
 async def _gc(url: str, now: float, *, wrap: Callable[[BulkOps], BulkOps] = lambda b: b, **kw: Any) -> GCReport:
     backend = await open_object_store(url)
     try:
-        async with open_bulk_ops(backend, url) as bulk:
+        async with open_bulk_ops(backend, url, split_min=0) as bulk:  # a partition per fan-out prefix
             return await mark_and_sweep(backend, wrap(bulk), grace=0, now=now, allow_short_grace=True, **kw)
     finally:
         await backend.close()
