@@ -16,7 +16,9 @@ with the default 1 h grace all garbage goes. Generation time is printed apart.
 
 Reported per store:
 - list: objects/s of one listing of chunks/ in one stream (``fan_out=1``) and fanned
-  out over chunks/<model>/<aa>/ (16 at a time on S3, 4 locally), and the ratio;
+  out (16 partitions at a time on S3, 4 locally) over the GC's plan (one partition
+  per model, or per fan-out prefix chunks/<model>/<aa>/ of a big model) and over
+  every model split into its fan-out prefixes; the gains are ratios of times;
 - mark: objects listed/s and chunk headers read/s (list + ranged reads of headers);
 - sweep: objects listed/s and deleted/s;
 - memory: peak RSS of the real run above its start (VmHWM, reset through
@@ -60,7 +62,7 @@ from kvstore.formats.layout import (
 from kvstore.formats.records import ChunkHeader, ModelRecord, RetirementRecord, RootRecord
 from kvstore.formats.shard import data_object, encode_layers
 from kvstore.gc import GCReport, run_gc
-from kvstore.gc.bulk import list_partition, open_bulk_ops, plan_partitions
+from kvstore.gc.bulk import SPLIT_MIN, list_partition, open_bulk_ops, plan_partitions
 from kvstore.storage import open_object_store
 
 CHUNK_TOKENS = 256
@@ -191,11 +193,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-async def listing_seconds(url: str, options: dict[str, Any] | None, fan_out: int) -> tuple[int, float]:
-    """(objects, seconds) of listing chunks/ partition by partition, ``fan_out`` at a time (1: one stream)."""
+async def listing_seconds(
+    url: str, options: dict[str, Any] | None, fan_out: int, split_min: int = SPLIT_MIN
+) -> tuple[int, int, float]:
+    """(objects, partitions, seconds) of listing chunks/ partition by partition, ``fan_out`` at a time."""
     backend = await open_object_store(url, options)
     try:
-        async with open_bulk_ops(backend, url, options, fan_out=fan_out) as bulk:
+        async with open_bulk_ops(backend, url, options, fan_out=fan_out, split_min=split_min) as bulk:
             t = time.perf_counter()
             plan = await plan_partitions(bulk, "chunks/")
             limit = asyncio.Semaphore(bulk.fan_out)
@@ -205,21 +209,25 @@ async def listing_seconds(url: str, options: dict[str, Any] | None, fan_out: int
                     return sum([1 async for _ in list_partition(bulk, part)])
 
             n = sum(await asyncio.gather(*(count(p) for p in plan)))
-            return n, time.perf_counter() - t
+            return n, len(plan), time.perf_counter() - t
     finally:
         await backend.close()
 
 
 def bench_listing(url: str, options: dict[str, Any] | None, label: str) -> None:
-    fanned_out = 16 if url.startswith("s3://") else 4
-    n0, cold = asyncio.run(listing_seconds(url, options, 1))  # also warms caches for what follows
-    n1, seq = asyncio.run(listing_seconds(url, options, 1))
-    n2, fan = asyncio.run(listing_seconds(url, options, fanned_out))
-    assert n0 == n1 == n2, (n0, n1, n2)
+    """One stream, the GC's plan (a model split when big), every model split into its 256 fan-out prefixes."""
+    fan = 16 if url.startswith("s3://") else 4
+    n0, _, cold = asyncio.run(listing_seconds(url, options, 1))  # also warms caches for what follows
+    n1, _, seq = asyncio.run(listing_seconds(url, options, 1))
+    n2, p2, planned = asyncio.run(listing_seconds(url, options, fan))
+    n3, p3, split = asyncio.run(listing_seconds(url, options, fan, split_min=0))
+    assert n0 == n1 == n2 == n3, (n0, n1, n2, n3)
     print(
         f"  {label} list chunks/: {n1:,} objects | one stream {seq:.2f} s = {n1 / seq:,.0f} obj/s "
-        f"(first, colder: {cold:.2f} s) | fanned out x{fanned_out} {fan:.2f} s = {n2 / fan:,.0f} obj/s "
-        f"| fan-out gain {seq / fan:.2f}x"
+        f"(first, colder: {cold:.2f} s)\n"
+        f"    fanned out x{fan}, GC's plan ({p2} partitions): {planned:.2f} s = {n1 / planned:,.0f} obj/s, "
+        f"gain {seq / planned:.2f}x | every model split ({p3} partitions): {split:.2f} s = {n1 / split:,.0f} obj/s, "
+        f"gain {seq / split:.2f}x"
     )
 
 
