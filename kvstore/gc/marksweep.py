@@ -92,6 +92,9 @@ def _contains(sorted_arr: np.ndarray, value: int) -> bool:
     return i < len(sorted_arr) and int(sorted_arr[i]) == value
 
 
+_COLUMNS = ("keys", "parents", "index", "tokens", "sizes", "mtimes")
+
+
 @dataclass(slots=True)
 class _Commits:
     """Valid chunk headers of one live model, as parallel compact arrays."""
@@ -104,7 +107,8 @@ class _Commits:
     mtimes: array[float] = field(default_factory=lambda: array("d"))
 
     def columns(self) -> dict[str, array[Any]]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        """The per-chunk arrays by name (what a checkpoint records of the mark)."""
+        return {name: getattr(self, name) for name in _COLUMNS}
 
     def extend(self, other: _Commits) -> None:
         for name, column in self.columns().items():
