@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -78,6 +81,26 @@ def _print_report(report: Any, console: Console) -> None:
         console.print(f"[yellow]budget not met[/]: {report.budget_note}")
     for mid, why in report.protected_models.items():
         console.print(f"[yellow]left alone[/] model {mid}: {why}")
+    if report.checkpoint:
+        console.print(f"checkpoint: {report.checkpoint}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops a run as Ctrl-C does (asyncio cancels it, a checkpoint keeps what was finished)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("gc")
@@ -112,6 +135,12 @@ def _print_report(report: Any, console: Console) -> None:
 )
 @click.option("--concurrency", default=32, show_default=True, type=click.IntRange(min=1), help="Parallel reads.")
 @click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Record finished work in this local file; after Ctrl-C, SIGTERM or a crash the same command resumes there.",
+)
+@click.option(
     "--metrics-file",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
@@ -132,6 +161,7 @@ def gc_command(
     yes: bool,
     confirm_threshold: int,
     concurrency: int,
+    checkpoint: str | None,
     metrics_file: str | None,
 ) -> None:
     """Mark and sweep: delete chunks no live model version can reach.
@@ -147,7 +177,10 @@ def gc_command(
     records): the ends of the least recently used chains first, never a chunk
     used within --grace. Exit code 0 when done,
     1 on an error or when some deletion failed; an interrupted run leaves the
-    store consistent and running it again finishes the job.
+    store consistent and running it again finishes the job. With --checkpoint
+    the run records what it finished (mark and sweep, per listing partition)
+    and the same command resumes there, with the first run's cutoff, as long as
+    the first run started less than --grace ago.
     """
     from kvstore.errors import InvalidInputError
     from kvstore.gc import GCReport, check_grace, run_gc
@@ -168,7 +201,7 @@ def gc_command(
     interactive = is_terminal() and not as_json
     console = make_console()
 
-    def one_run(dry: bool) -> GCReport:
+    def one_run(dry: bool, checkpoint: str | None = None) -> GCReport:
         progress = RichProgress(None if not as_json else False)
 
         async def work() -> GCReport:
@@ -183,9 +216,11 @@ def gc_command(
                     allow_short_grace=allow_short_grace,
                     max_bytes=budget,
                     max_idle=idle,
+                    checkpoint=checkpoint,
                 )
 
-        return run_async(ctx, work)
+        with _sigterm_interrupts():
+            return run_async(ctx, work)
 
     if not dry_run and not yes and interactive:
         plan = one_run(True)
@@ -199,7 +234,7 @@ def gc_command(
             if metrics_file is not None:
                 _write_metrics(metrics_file, plan)
             return
-    report = one_run(dry_run)
+    report = one_run(dry_run, checkpoint)
     if metrics_file is not None:
         _write_metrics(metrics_file, report)
     if as_json:

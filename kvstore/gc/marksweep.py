@@ -8,18 +8,24 @@ tokens. Everything else under ``chunks/`` is garbage, and garbage is deleted
 only when its modification time is older than ``grace`` before the run began.
 
 Two listings: the first reads the data objects' headers of live models (the mark),
-the second decides and deletes object by object (the sweep). The mark set is
-held as sorted arrays of 64-bit digest prefixes; a prefix collision can only
-keep garbage, never drop a reachable chunk. The safety argument is in
+the second decides and deletes object by object (the sweep). Each fans out
+over the partitions of ``chunks/`` (``chunks/<model>/<aa>/``), a bounded number
+at a time, so a bucket of millions of chunks lists in parallel. The mark is held
+as compact arrays (about 50 bytes per chunk, sorted 64-bit digest prefixes for
+the sweep's lookups); a prefix collision can only keep garbage, never drop a
+reachable chunk. A run can record finished partitions in a checkpoint file and
+resume from it (kvstore/gc/checkpoint.py). The safety argument is in
 docs/FORMAT.md ("Garbage collection").
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import math
+import os
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +41,16 @@ from kvstore.errors import (
 from kvstore.formats.keys import key_root
 from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker, zarr_array_metadata
 from kvstore.gc.access_log import collect_access, read_access_log
-from kvstore.gc.bulk import BulkOps, open_bulk_ops
+from kvstore.gc.bulk import BulkOps, Partition, list_partition, open_bulk_ops, plan_partitions
+from kvstore.gc.checkpoint import Checkpoint, MarkedPartition, encode_mark
 from kvstore.gc.evict_phase import EvictColumns, EvictModel, EvictSettings, check_eviction, run_eviction
 from kvstore.gc.report import GCProgress, GCReport, ModelUsage
+from kvstore.gc.tally import Tally
 from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
-from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
+from kvstore.storage.s3_batch import MAX_DELETE_BATCH
 from kvstore.store import LIVE_CHECK_TTL
 
 __all__ = ["DEFAULT_GRACE", "MIN_GRACE", "check_grace", "mark_and_sweep", "run_gc"]
@@ -58,7 +66,6 @@ writing under it after the model was retired; a shorter grace lets a GC delete
 those fresh objects (docs/FORMAT.md, "Garbage collection").
 """
 
-_MAX_FAILURE_SAMPLES = 100
 _TAIL_MIX = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
 _TMP_MARK = ".tmp-"
@@ -83,6 +90,11 @@ def split_chunk_key(key: str) -> tuple[str, str, str] | None:
     return mid, k, rest
 
 
+def _contains(sorted_arr: np.ndarray, value: int) -> bool:
+    i = int(sorted_arr.searchsorted(np.uint64(value)))
+    return i < len(sorted_arr) and int(sorted_arr[i]) == value
+
+
 def _meta_size(spec: ModelSpec, num_tokens: int, codec: str) -> int:
     """Bytes of the zarr.json a writer of this chunk puts beside its data object."""
     try:
@@ -91,9 +103,7 @@ def _meta_size(spec: ModelSpec, num_tokens: int, codec: str) -> int:
         return 0
 
 
-def _contains(sorted_arr: np.ndarray, value: int) -> bool:
-    i = int(sorted_arr.searchsorted(np.uint64(value)))
-    return i < len(sorted_arr) and int(sorted_arr[i]) == value
+_COLUMNS = ("keys", "parents", "index", "tokens", "sizes", "mtimes")
 
 
 @dataclass(slots=True)
@@ -104,8 +114,19 @@ class _Commits:
     parents: array[int] = field(default_factory=lambda: array("Q"))
     index: array[int] = field(default_factory=lambda: array("Q"))
     tokens: array[int] = field(default_factory=lambda: array("I"))
+    sizes: array[int] = field(default_factory=lambda: array("Q"))
+    mtimes: array[float] = field(default_factory=lambda: array("d"))
     evict: EvictColumns | None = None
-    """Full keys, sizes and mtimes, kept only when the run evicts."""
+    """Full keys, chunk bytes (data object + zarr.json) and mtimes, kept only when the run evicts (never in a
+    checkpoint: a run that evicts does not take one)."""
+
+    def columns(self) -> dict[str, array[Any]]:
+        """The per-chunk arrays by name (what a checkpoint records of the mark)."""
+        return {name: getattr(self, name) for name in _COLUMNS}
+
+    def extend(self, other: _Commits) -> None:
+        for name, column in self.columns().items():
+            column.extend(getattr(other, name))
 
 
 @dataclass(slots=True)
@@ -115,44 +136,75 @@ class _Marks:
     tails: np.ndarray
 
 
+_REACH_BLOCK = 1 << 20
+"""Chunks of one chain level looked up at once: bounds _reach's temporaries (about 25 bytes per chunk)."""
+
+
 def _reach(c: _Commits, root64: int) -> np.ndarray:
-    """Boolean mask over ``c``: chunk i is reachable from ``root64`` through chunks of lower index."""
+    """Boolean mask over ``c``: chunk i is reachable from ``root64`` through chunks of lower index.
+
+    Level by level (chain index 0, 1, ...) in an index order computed once; the
+    only per-chunk temporary besides the mask is that order (8 bytes per chunk).
+    """
     keys = np.frombuffer(c.keys, np.uint64)
     parents = np.frombuffer(c.parents, np.uint64)
     index = np.frombuffer(c.index, np.uint64)
-    order = np.argsort(index, kind="stable")
-    k, p, ix = keys[order], parents[order], index[order]
-    mask = np.zeros(len(k), bool)
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(ix)) + 1, [len(k)])) if len(k) else np.zeros(1, np.int64)
+    mask = np.zeros(len(keys), bool)
+    if not len(keys):
+        return mask
+    order = np.argsort(index)
     prev = np.array([root64], np.uint64)
-    for level, (a, b) in enumerate(itertools.pairwise(starts)):
-        if int(ix[a]) != level or prev.size == 0:  # a missing level breaks every longer chain
+    level = 0
+    while prev.size:
+        a = int(np.searchsorted(index, np.uint64(level), side="left", sorter=order))
+        b = int(np.searchsorted(index, np.uint64(level), side="right", sorter=order))
+        if a == b:  # a missing level breaks every longer chain
             break
-        hit = np.isin(p[a:b], prev)
-        mask[a:b] = hit
-        prev = k[a:b][hit]
-    out = np.zeros(len(k), bool)
-    out[order] = mask
-    return out
+        found: list[np.ndarray] = []
+        for s in range(a, b, _REACH_BLOCK):
+            idx = order[s : min(b, s + _REACH_BLOCK)]
+            p = parents[idx]
+            pos = np.searchsorted(prev, p)
+            hit = prev[np.minimum(pos, len(prev) - 1)] == p
+            mask[idx[hit]] = True
+            found.append(keys[idx[hit]])
+        prev = np.concatenate(found)
+        prev.sort()
+        level += 1
+    return mask
 
 
 def _marks(commits: dict[str, _Commits], roots: dict[str, int], chunk_tokens: int) -> _Marks:
-    reach_parts, broken_parts, tail_parts = [], [], []
-    for mid, c in commits.items():
-        mask = _reach(c, roots[mid])
+    """The sorted mark arrays (8 bytes per chunk in all); sorted in place, duplicates harmless to lookups."""
+    masks = {mid: _reach(c, roots[mid]) for mid, c in commits.items()}
+    n_reach = sum(int(np.count_nonzero(m)) for m in masks.values())
+    n_all = sum(len(m) for m in masks.values())
+    reachable = np.empty(n_reach, np.uint64)
+    unreachable = np.empty(n_all - n_reach, np.uint64)
+    tail_parts = []
+    r = u = 0
+    for mid, mask in masks.items():
+        c = commits[mid]
         keys = np.frombuffer(c.keys, np.uint64)
-        reach_parts.append(keys[mask])
-        broken_parts.append(keys[~mask])
+        hits = int(np.count_nonzero(mask))
+        np.compress(mask, keys, out=reachable[r : r + hits])
+        np.compress(~mask, keys, out=unreachable[u : u + len(mask) - hits])
+        r, u = r + hits, u + len(mask) - hits
         tokens = np.frombuffer(c.tokens, np.uint32)
         tails = mask & (tokens < chunk_tokens)
         parents = np.frombuffer(c.parents, np.uint64)[tails]
         mix = (tokens[tails].astype(np.uint64) * np.uint64(_TAIL_MIX)) & np.uint64(_U64)
         tail_parts.append(parents ^ mix)
+    del masks
+    reachable.sort()
+    unreachable.sort()
+    tails = np.concatenate(tail_parts) if tail_parts else np.zeros(0, np.uint64)
+    tails.sort()
+    return _Marks(reachable, unreachable, tails)
 
-    def sorted_concat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
-    return _Marks(sorted_concat(reach_parts), sorted_concat(broken_parts), sorted_concat(tail_parts))
+def _distinct(sorted_arr: np.ndarray) -> int:
+    return int(np.count_nonzero(sorted_arr[1:] != sorted_arr[:-1])) + 1 if len(sorted_arr) else 0
 
 
 class _NullProgress:
@@ -177,6 +229,7 @@ async def run_gc(
     allow_short_grace: bool = False,
     max_bytes: int | None = None,
     max_idle: float | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> GCReport:
     """Open the store at ``url`` and run one mark-and-sweep; see ``mark_and_sweep``.
 
@@ -197,6 +250,7 @@ async def run_gc(
                 allow_short_grace=allow_short_grace,
                 max_bytes=max_bytes,
                 max_idle=max_idle,
+                checkpoint=checkpoint,
             )
     finally:
         await backend.close()
@@ -214,12 +268,18 @@ async def mark_and_sweep(
     allow_short_grace: bool = False,
     max_bytes: int | None = None,
     max_idle: float | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> GCReport:
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
-    Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Safe
+    Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Both
+    listings fan out over the store's partitions (per model, and per ``chunks/<model>/<aa>/`` for a big model;
+    ``kvstore.gc.bulk.plan_partitions``), ``bulk.fan_out`` at a time. Safe
     to interrupt at any point: every deletion targets garbage, and running again
-    finishes the job. Deletions that fail are counted and sampled in the report.
+    finishes the job. With ``checkpoint`` (a local file path) finished partitions are recorded there and a run
+    started again with the same file resumes: same cutoff, no header read twice, counts that add up
+    (``report.checkpoint`` says whether it resumed or why not); the file is removed once the run completes.
+    Deletions that fail are counted and sampled in the report.
     A ``grace`` of ``MIN_GRACE`` or less is refused unless ``allow_short_grace``.
 
     Eviction: with ``max_bytes`` the run then deletes the least recently used
@@ -227,53 +287,71 @@ async def mark_and_sweep(
     are at most ``max_bytes``; with ``max_idle`` (seconds) every chunk not used,
     itself or through a chunk that extends it, for that long. Nothing used
     within the grace is evicted. Every run also merges and compacts the access
-    records (docs/FORMAT.md, "Access records and eviction").
+    records (docs/FORMAT.md, "Access records and eviction"). A run that evicts
+    takes no checkpoint (its eviction state is not recorded): run the
+    model-version sweep with one first, then evict.
     """
     check_grace(grace, allow_short_grace)
     check_eviction(max_bytes, max_idle)
+    evicting = max_bytes is not None or max_idle is not None
+    if evicting and checkpoint is not None:
+        raise InvalidInputError("a run that evicts (max_bytes, max_idle) takes no checkpoint")
     if not isinstance(concurrency, int) or concurrency < 1:
         raise InvalidInputError(f"concurrency must be a positive int, got {concurrency!r}")
     started = time.monotonic()
     t0 = time.time() if now is None else now
-    report = GCReport(url=backend.url, dry_run=dry_run, grace=float(grace), cutoff=t0 - grace)
-    report.max_bytes, report.max_idle = max_bytes, None if max_idle is None else float(max_idle)
-    evicting = max_bytes is not None or max_idle is not None
-    prog: GCProgress = progress or _NullProgress()
-    root = await read_root_record(backend)
-    registry = await read_registry(backend)
-    _seed_models(report, registry)
-    live = {m.model_id.hex(): m for m in registry.models if not m.retired}
-    roots = {mid: _prefix64(key_root(m.spec, root.chunk_tokens)) for mid, m in live.items()}
-    retired = {m.model_id.hex() for m in registry.models if m.retired}
-    protected = {mid.hex(): why for mid, why in registry.unreadable.items()}
-
-    log = await read_access_log(
-        backend, bulk, live=set(live), protected=set(protected), cutoff=report.cutoff, concurrency=concurrency
-    )
-    specs = {mid: m.spec for mid, m in live.items()}
-    commits = await _mark_listing(backend, bulk, specs, protected, report, prog, concurrency, track=evicting)
-    kept_commits = {m: c for m, c in commits.items() if m not in protected}
-    marks = _marks(kept_commits, roots, root.chunk_tokens)
-    report.chunks_reachable = len(marks.reachable)
-    report.protected_models = dict(protected)
-
-    sweep = _Sweep(backend, bulk, report, prog, marks, set(live) - set(protected), retired, protected, dry_run)
-    await sweep.run()
-    reach = {mid: _reach(c, roots[mid]) for mid, c in kept_commits.items()}
-    evicted: dict[str, np.ndarray] = {}
-    if evicting:
-        settings = EvictSettings(
-            max_bytes, None if max_idle is None else t0 - max_idle, report.cutoff, dry_run, concurrency
+    ckpt: Checkpoint | None = None
+    if checkpoint is not None:
+        ckpt = await asyncio.to_thread(
+            Checkpoint.open, checkpoint, url=backend.url, t0=t0, grace=float(grace), dry_run=dry_run, now=t0
         )
-        models = [_evict_model(mid, c, reach[mid]) for mid, c in kept_commits.items()]
-        for c in kept_commits.values():
-            c.evict = None  # copied into the models (reachable rows only): free the columns before planning
-        evicted = await run_eviction(backend, bulk, report, prog, models, log, settings)
-        for m in models:
-            if len(m.mtimes):
-                report.note_use(m.mid, float(m.mtimes.max()))
-    present = {mid: np.unique(np.frombuffer(c.keys, np.uint64)[reach[mid]]) for mid, c in kept_commits.items()}
-    await collect_access(backend, bulk, report, log, present, evicted, dry_run)
+        t0 = ckpt.t0
+    report = GCReport(url=backend.url, dry_run=dry_run, grace=float(grace), cutoff=t0 - grace)
+    report.checkpoint = ckpt.note if ckpt is not None else ""
+    report.max_bytes, report.max_idle = max_bytes, None if max_idle is None else float(max_idle)
+    prog: GCProgress = progress or _NullProgress()
+    try:
+        root = await read_root_record(backend)
+        registry = await read_registry(backend)
+        _seed_models(report, registry)
+        live = {m.model_id.hex(): m for m in registry.models if not m.retired}
+        roots = {mid: _prefix64(key_root(m.spec, root.chunk_tokens)) for mid, m in live.items()}
+        retired = {m.model_id.hex() for m in registry.models if m.retired}
+        protected = {mid.hex(): why for mid, why in registry.unreadable.items()}
+
+        log = await read_access_log(
+            backend, bulk, live=set(live), protected=set(protected), cutoff=report.cutoff, concurrency=concurrency
+        )
+        specs = {mid: m.spec for mid, m in live.items()}
+        commits = await _Mark(backend, bulk, specs, protected, report, prog, concurrency, ckpt, evicting).run()
+        marked = {m: c for m, c in commits.items() if m in live and m not in protected}
+        marks = _marks(marked, roots, root.chunk_tokens)
+        report.chunks_reachable = _distinct(marks.reachable)
+        report.protected_models = dict(protected)
+
+        live_ids = set(live) - set(protected)
+        await _Sweep(backend, bulk, report, prog, marks, live_ids, retired, protected, dry_run, ckpt).run()
+        del marks
+        reach = {mid: _reach(c, roots[mid]) for mid, c in marked.items()}
+        evicted: dict[str, np.ndarray] = {}
+        if evicting:
+            settings = EvictSettings(
+                max_bytes, None if max_idle is None else t0 - max_idle, report.cutoff, dry_run, concurrency
+            )
+            models = [_evict_model(mid, c, reach[mid]) for mid, c in marked.items()]
+            for c in marked.values():
+                c.evict = None  # copied into the models (reachable rows only): free the columns before planning
+            evicted = await run_eviction(backend, bulk, report, prog, models, log, settings)
+            for m in models:
+                if len(m.mtimes):
+                    report.note_use(m.mid, float(m.mtimes.max()))
+        present = {mid: np.unique(np.frombuffer(c.keys, np.uint64)[reach[mid]]) for mid, c in marked.items()}
+        await collect_access(backend, bulk, report, log, present, evicted, dry_run)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if ckpt is not None:
+        await asyncio.to_thread(ckpt.remove)
     report.elapsed = time.monotonic() - started
     return report
 
@@ -315,29 +393,120 @@ def _seed_models(report: GCReport, registry: Registry) -> None:
         report.by_model[mid.hex()] = ModelUsage(mid.hex(), mid.hex(), "unreadable")
 
 
-async def _mark_listing(
-    backend: ObjectStore,
-    bulk: BulkOps,
-    live: dict[str, ModelSpec],
-    protected: dict[str, str],
-    report: GCReport,
-    prog: GCProgress,
-    concurrency: int,
-    *,
-    track: bool = False,
-) -> dict[str, _Commits]:
+async def _each_partition(bulk: BulkOps, done: set[str], work: Callable[[Partition], Awaitable[None]]) -> None:
+    """Plan the partitions of ``chunks/`` and run ``work`` on each not in ``done``, ``bulk.fan_out`` at a time."""
+    plan = await plan_partitions(bulk, CHUNKS_DIR + "/", done=done)
+    slots = asyncio.Semaphore(bulk.fan_out)
+
+    async def one(part: Partition) -> None:
+        try:
+            await work(part)
+        finally:
+            slots.release()
+
+    async with task_group() as tg:
+        for part in plan:
+            if part.prefix in done:
+                continue
+            await slots.acquire()
+            tg.create_task(one(part))
+
+
+class _Mark:
     """First listing: read (concurrently, bounded) the header of every data object of a live model.
 
-    ``live`` maps each live model id (hex) to its spec. With ``track`` (eviction) each
-    header's full key, chunk bytes (data object + zarr.json) and data mtime are kept too.
+    Partition by partition: a partition's headers join the mark (and the
+    checkpoint) once all of them are read.
     """
-    commits: dict[str, _Commits] = {}
-    limit = asyncio.Semaphore(concurrency)
 
-    async def read(mid: str, khex: str, key: str, size: int, mtime: float | None) -> None:
+    def __init__(
+        self,
+        backend: ObjectStore,
+        bulk: BulkOps,
+        live: dict[str, ModelSpec],
+        protected: dict[str, str],
+        report: GCReport,
+        prog: GCProgress,
+        concurrency: int,
+        ckpt: Checkpoint | None,
+        track: bool = False,
+    ) -> None:
+        """``live`` maps each live model id (hex) to its spec. With ``track`` (eviction) each header's full key,
+        chunk bytes (data object + zarr.json) and data mtime are kept too."""
+        self.backend, self.bulk, self.live, self.protected = backend, bulk, live, protected
+        self.report, self.prog, self.ckpt, self.track = report, prog, ckpt, track
+        self.commits: dict[str, _Commits] = {}
+        self._reads = asyncio.Semaphore(concurrency)
+
+    async def run(self) -> dict[str, _Commits]:
+        done: set[str] = set()
+        if self.ckpt is not None:
+            for part in self.ckpt.marked:
+                self._absorb(part)
+                done.add(part.prefix)
+            self.ckpt.marked.clear()
+        self.prog.start("list", None)
+        self.prog.start("read", None)
+        await _each_partition(self.bulk, done, self._partition)
+        self.prog.finish("list")
+        self.prog.finish("read")
+        return self.commits
+
+    def _absorb(self, part: MarkedPartition) -> None:
+        self.report.objects_listed += part.listed
+        self.report.commits_read += part.read
+        for mid, why in part.protected.items():
+            self.protected.setdefault(mid, why)
+        for mid, cols in part.columns.items():
+            c = self.commits.setdefault(mid, _Commits())
+            columns = c.columns()
+            if cols.keys() != columns.keys() or any(code != columns[n].typecode for n, (code, _) in cols.items()):
+                raise InvalidInputError(f"checkpoint partition {part.prefix!r} has columns {sorted(cols)}")
+            for name, (_, raw) in cols.items():
+                columns[name].frombytes(raw)
+
+    async def _partition(self, part: Partition) -> None:
+        found: dict[str, _Commits] = {}
+        protected: dict[str, str] = {}
+        listed = 0
+        async with task_group() as tg:
+            batch = 0
+            async for meta in list_partition(self.bulk, part):
+                listed += 1
+                batch += 1
+                if batch == 1000:
+                    self.prog.advance("list", batch)
+                    batch = 0
+                if not meta.key.endswith(DATA_NAME):
+                    continue
+                parts = split_chunk_key(meta.key)
+                if parts is None or parts[2] != DATA_NAME or parts[0] not in self.live:
+                    continue
+                await self._reads.acquire()  # back-pressure: the listing waits while `concurrency` reads are pending
+                tg.create_task(self._read(parts[0], parts[1], meta, found, protected))
+            self.prog.advance("list", batch)
+        columns = {mid: {n: (str(a.typecode), a.tobytes()) for n, a in c.columns().items()} for mid, c in found.items()}
+        read = sum(len(c.keys) for c in found.values())
+        record = MarkedPartition(part.prefix, listed, read, protected, columns)
+        frame = await asyncio.to_thread(encode_mark, record) if self.ckpt is not None else None
+        # No await from here on: the partition joins the mark and the checkpoint together, or neither.
+        if self.ckpt is not None and frame is not None:
+            self.ckpt.add_mark(frame)
+        self._absorb(record)
+        for mid, c in found.items():  # the eviction columns, row for row after what _absorb appended
+            if c.evict is not None:
+                into = self.commits[mid]
+                into.evict = into.evict or EvictColumns()
+                into.evict.digests += c.evict.digests
+                into.evict.sizes.extend(c.evict.sizes)
+                into.evict.mtimes.extend(c.evict.mtimes)
+
+    async def _read(
+        self, mid: str, khex: str, meta: ObjectMeta, found: dict[str, _Commits], protected: dict[str, str]
+    ) -> None:
         try:
             try:
-                rec = (await read_head(backend, key, live[mid].num_layers, size)).header
+                rec = (await read_head(self.backend, meta.key, self.live[mid].num_layers, meta.size)).header
             except ObjectNotFoundError:  # deleted since it was listed: not committed
                 return
             except IntegrityError:
@@ -347,43 +516,38 @@ async def _mark_listing(
                 return
             if rec.key.hex() != khex or rec.model_id.hex() != mid:
                 return
-            c = commits.setdefault(mid, _Commits(evict=EvictColumns() if track else None))
+            c = found.setdefault(mid, _Commits(evict=EvictColumns() if self.track else None))
             c.keys.append(_prefix64(rec.key))
             c.parents.append(_prefix64(rec.parent))
             c.index.append(rec.index)
             c.tokens.append(rec.num_tokens)
+            c.sizes.append(meta.size)
+            c.mtimes.append(math.nan if meta.mtime is None else meta.mtime)
             if c.evict is not None:  # zarr.json is derived from the spec, tokens and codec: its size too
-                c.evict.add(rec.key, size + _meta_size(live[mid], rec.num_tokens, rec.codec), mtime)
-            report.commits_read += 1
-            prog.advance("read", 1)
+                c.evict.add(rec.key, meta.size + _meta_size(self.live[mid], rec.num_tokens, rec.codec), meta.mtime)
+            self.prog.advance("read", 1)
         finally:
-            limit.release()
+            self._reads.release()
 
-    prog.start("list", None)
-    prog.start("read", None)
-    async with task_group() as tg:
-        batch = 0
-        async for meta in bulk.list_objects(CHUNKS_DIR + "/"):
-            report.objects_listed += 1
-            batch += 1
-            if batch == 1000:
-                prog.advance("list", batch)
-                batch = 0
-            if not meta.key.endswith(DATA_NAME):
-                continue
-            parts = split_chunk_key(meta.key)
-            if parts is None or parts[2] != DATA_NAME or parts[0] not in live:
-                continue
-            await limit.acquire()  # back-pressure: the listing waits while `concurrency` reads are pending
-            tg.create_task(read(parts[0], parts[1], meta.key, meta.size, meta.mtime))
-        prog.advance("list", batch)
-    prog.finish("list")
-    prog.finish("read")
-    return commits
+
+@dataclass(slots=True)
+class _PartState:
+    """Sweep state of one partition: the chunk being classified, and deletions waiting for a batch."""
+
+    tally: Tally = field(default_factory=Tally)
+    chunk: tuple[str, str] | None = None
+    reason: str | None = None
+    still_old: bool | None = None
+    """The HEAD re-check of ``chunk``'s data object, once made."""
+    pending: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 class _Sweep:
-    """Second listing: classify each object, delete old garbage in batches while listing goes on."""
+    """Second listing: classify each object, delete old garbage in batches while listing goes on.
+
+    Partition by partition: a partition's counts join the report (and the
+    checkpoint) when it is done, those of a delete batch when it is deleted.
+    """
 
     def __init__(
         self,
@@ -396,14 +560,12 @@ class _Sweep:
         retired: set[str],
         protected: dict[str, str],
         dry_run: bool,
+        ckpt: Checkpoint | None,
     ) -> None:
         self.backend, self.bulk, self.report, self.prog, self.marks = backend, bulk, report, prog, marks
         self.live, self.retired, self.protected, self.dry_run = live, retired, protected, dry_run
-        self._last_chunk: tuple[str, str] | None = None
-        self._last_reason: str | None = None
-        self._rechecked: dict[tuple[str, str], bool] = {}
-        self._pending: list[tuple[str, str, int]] = []
-        self._limit = asyncio.Semaphore(4)
+        self.ckpt = ckpt
+        self._batches = asyncio.Semaphore(4)
 
     def _usage(self, mid: str) -> ModelUsage:
         usage = self.report.by_model.get(mid)
@@ -412,7 +574,7 @@ class _Sweep:
             usage = self.report.by_model[mid] = ModelUsage(mid or "(malformed)", mid, status)
         return usage
 
-    def classify(self, key: str) -> tuple[str, str | None, tuple[str, str] | None]:
+    def classify(self, key: str, state: _PartState) -> tuple[str, str | None, tuple[str, str] | None]:
         """(model id hex, garbage reason or None to keep, chunk id) of one object."""
         parts = split_chunk_key(key)
         if parts is None:
@@ -433,90 +595,93 @@ class _Sweep:
             keep = n is not None and rest.count("/") == 1 and _contains(self.marks.tails, _tail_sig(k64, n))
             return mid, (None if keep else "stale-tail"), None
         chunk = (mid, khex)
-        if chunk != self._last_chunk:
-            self._last_chunk = chunk
+        if chunk != state.chunk:  # a chunk's objects are listed together
+            state.chunk, state.still_old = chunk, None
             if _contains(self.marks.reachable, k64):
-                self._last_reason = None
+                state.reason = None
             else:
-                self._last_reason = "unreachable" if _contains(self.marks.unreachable, k64) else "uncommitted"
-        return mid, self._last_reason, chunk
+                state.reason = "unreachable" if _contains(self.marks.unreachable, k64) else "uncommitted"
+        return mid, state.reason, chunk
 
-    async def _still_old(self, chunk: tuple[str, str]) -> bool:
+    async def _still_old(self, chunk: tuple[str, str], state: _PartState) -> bool:
         """Re-check a committed-but-unreachable chunk just before deleting: a writer may have refreshed it."""
-        cached = self._rechecked.get(chunk)
-        if cached is None:
+        if state.still_old is None or state.chunk != chunk:
             mid, khex = chunk
             path = f"{CHUNKS_DIR}/{mid}/{khex[0:2]}/{khex[2:4]}/{khex}/{DATA_NAME}"
             meta = await self.backend.head(path)
-            cached = meta is None or meta.mtime is None or meta.mtime < self.report.cutoff
-            if len(self._rechecked) > 100_000:
-                self._rechecked.clear()
-            self._rechecked[chunk] = cached
-        return cached
+            state.still_old = meta is None or meta.mtime is None or meta.mtime < self.report.cutoff
+        return state.still_old
 
     async def run(self) -> None:
+        done: set[str] = set()
+        if self.ckpt is not None:
+            for prefix, tally in self.ckpt.swept.items():
+                tally.add_to(self.report, self._usage)
+                done.add(prefix)
+            for tally in self.ckpt.freed:
+                tally.add_to(self.report, self._usage)
+            self.ckpt.swept.clear()
+            self.ckpt.freed.clear()
         self.prog.start("sweep", self.report.objects_listed or None)
+        await _each_partition(self.bulk, done, self._partition)
+        self.prog.finish("sweep")
+
+    async def _partition(self, part: Partition) -> None:
+        state = _PartState()
         async with task_group() as tg:
             n = 0
-            async for meta in self.bulk.list_objects(CHUNKS_DIR + "/"):
-                await self._one(meta, tg)
+            async for meta in list_partition(self.bulk, part):
+                await self._one(meta, state, tg)
                 n += 1
                 if n == 1000:
                     self.prog.advance("sweep", n)
                     n = 0
-            self._flush(tg)
+            await self._flush(state, tg)
             self.prog.advance("sweep", n)
-        self.prog.finish("sweep")
+        # No await from here on: the partition counts once, in the report and in the checkpoint.
+        state.tally.add_to(self.report, self._usage)
+        if self.ckpt is not None:
+            self.ckpt.add_sweep(part.prefix, state.tally)
 
-    async def _one(self, meta: ObjectMeta, tg: asyncio.TaskGroup) -> None:
-        mid, reason, chunk = self.classify(meta.key)
-        usage = self._usage(mid)
+    async def _one(self, meta: ObjectMeta, state: _PartState, tg: asyncio.TaskGroup) -> None:
+        mid, reason, chunk = self.classify(meta.key, state)
         if reason is None:
-            usage.kept_objects += 1
-            usage.kept_bytes += meta.size
+            state.tally.count(mid, "kept", meta.size)
             return
         old = meta.mtime is not None and meta.mtime < self.report.cutoff
         if old and reason == "unreachable" and chunk is not None:
-            old = await self._still_old(chunk)
+            old = await self._still_old(chunk, state)
         if not old:
-            usage.young_objects += 1
-            usage.young_bytes += meta.size
+            state.tally.count(mid, "young", meta.size)
             return
-        self.report.reasons[reason] += 1
         if self.dry_run:
-            usage.freed_objects += 1
-            usage.freed_bytes += meta.size
+            state.tally.reasons[reason] += 1
+            state.tally.count(mid, "freed", meta.size)
             return
-        self._pending.append((meta.key, mid, meta.size))
-        if len(self._pending) >= MAX_DELETE_BATCH:
-            await self._limit.acquire()  # back-pressure on the listing
-            self._flush(tg, acquired=True)
+        state.pending.append((meta.key, mid, meta.size, reason))
+        if len(state.pending) >= MAX_DELETE_BATCH:
+            await self._flush(state, tg)
 
-    def _flush(self, tg: asyncio.TaskGroup, *, acquired: bool = False) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            if acquired:
-                self._limit.release()
-            return
-        tg.create_task(self._delete(batch, acquired))
+    async def _flush(self, state: _PartState, tg: asyncio.TaskGroup) -> None:
+        batch, state.pending = state.pending, []
+        if batch:
+            await self._batches.acquire()  # back-pressure on the listing
+            tg.create_task(self._delete(batch, state))
 
-    async def _delete(self, batch: list[tuple[str, str, int]], acquired: bool) -> None:
+    async def _delete(self, batch: list[tuple[str, str, int, str]], state: _PartState) -> None:
         try:
-            failures = await self.bulk.delete_objects([key for key, _, _ in batch])
+            failures = await self.bulk.delete_objects([key for key, _, _, _ in batch])
         finally:
-            if acquired:
-                self._limit.release()
+            self._batches.release()
         failed = {f.key for f in failures}
-        for key, mid, size in batch:
-            if key in failed:
-                continue
-            usage = self._usage(mid)
-            usage.freed_objects += 1
-            usage.freed_bytes += size
-        self._record_failures(failures)
-
-    def _record_failures(self, failures: list[DeleteFailure]) -> None:
-        report = self.report
-        report.failures_total += len(failures)
-        room = _MAX_FAILURE_SAMPLES - len(report.failures)
-        report.failures.extend(failures[: max(room, 0)])
+        freed = Tally()
+        for key, mid, size, reason in batch:
+            if key in failed:  # counted with its partition: a resumed run lists it again
+                state.tally.reasons[reason] += 1
+            else:
+                freed.reasons[reason] += 1
+                freed.count(mid, "freed", size)
+        state.tally.failed(failures)
+        freed.add_to(self.report, self._usage)
+        if self.ckpt is not None:
+            self.ckpt.add_freed(freed)

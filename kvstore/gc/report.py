@@ -94,6 +94,9 @@ class GCReport:
     def evicted_bytes(self) -> int:
         return sum(m.evicted_bytes for m in self.by_model.values())
 
+    checkpoint: str = ""
+    """With a checkpoint file: whether this run resumed an interrupted one, or why it started afresh."""
+
     @property
     def freed_objects(self) -> int:
         return sum(m.freed_objects for m in self.by_model.values())
@@ -144,6 +147,7 @@ class GCReport:
             "access_records_deleted": self.access_records_deleted,
             "delete_failures": self.failures_total,
             "delete_failure_samples": [{"key": f.key, "error": f.error} for f in self.failures],
+            "checkpoint": self.checkpoint,
         }
 
 

@@ -50,13 +50,30 @@ def _split_url(url: str) -> tuple[str, str]:
     return bucket, f"{root}/" if root else ""
 
 
+def _meta(obj: dict[str, Any], cut: int) -> ObjectMeta:
+    modified = obj.get("LastModified")
+    return ObjectMeta(obj["Key"][cut:], int(obj.get("Size", 0)), modified.timestamp() if modified else None)
+
+
 class S3BatchClient:
     """One aioboto3 S3 client for a store root; use as ``async with S3BatchClient(url, options)``."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, max_in_flight: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        max_in_flight: int = 8,
+        fan_out: int = 16,
+        split_min: int = 256,
+    ) -> None:
         self.url = url
         self.bucket, self.root = _split_url(url)
         self.max_in_flight = max_in_flight
+        self.fan_out = fan_out
+        """How many prefixes a fan-out listing (``kvstore.gc.bulk.plan_partitions``) lists at once."""
+        self.split_min = split_min
+        """Objects in a prefix's first sub-prefix from which ``plan_partitions`` splits it."""
         self._options = dict(storage_options or {})
         self._client: Any = None
         self._client_cm: Any = None
@@ -95,7 +112,7 @@ class S3BatchClient:
         session_args, client_args = self._client_args()
         # No RetryPolicy wraps these calls: botocore's standard retries are their one retry layer.
         settings = botocore_config_kwargs(self._options.get("config_kwargs"), attempts=RetryPolicy().attempts)
-        settings.setdefault("max_pool_connections", max(10, 2 * self.max_in_flight))
+        settings.setdefault("max_pool_connections", max(10, 2 * self.max_in_flight + self.fan_out))
         config = Config(**settings)
         with translate_errors(self.url, "", "open"):
             self._client_cm = aioboto3.Session(**session_args).client("s3", config=config, **client_args)
@@ -118,11 +135,31 @@ class S3BatchClient:
             with translate_errors(self.url, prefix, "list"):
                 page = await self._client.list_objects_v2(**kwargs)
             for obj in page.get("Contents", ()):
-                modified = obj.get("LastModified")
-                yield ObjectMeta(obj["Key"][cut:], int(obj.get("Size", 0)), modified.timestamp() if modified else None)
+                yield _meta(obj, cut)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+            kwargs["ContinuationToken"] = token
+
+    async def list_level(self, prefix: str) -> tuple[list[str], list[ObjectMeta]]:
+        """One level under ``prefix`` (a delimiter listing): its sub-prefixes and the objects directly in it."""
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.root + prefix,
+            "Delimiter": "/",
+            "MaxKeys": 1000,
+        }
+        cut = len(self.root)
+        subs: list[str] = []
+        objects: list[ObjectMeta] = []
+        while True:
+            with translate_errors(self.url, prefix, "list"):
+                page = await self._client.list_objects_v2(**kwargs)
+            subs.extend(p["Prefix"][cut:] for p in page.get("CommonPrefixes", ()))
+            objects.extend(_meta(obj, cut) for obj in page.get("Contents", ()))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return subs, objects
             kwargs["ContinuationToken"] = token
 
     async def delete_objects(self, keys: Sequence[str]) -> list[DeleteFailure]:

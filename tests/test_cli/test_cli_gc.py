@@ -276,3 +276,41 @@ def test_verify_repair_rewrites_a_zarr_json_that_names_another_codec(tmp_path: P
     report = json.loads(out.output)
     assert (report["chunks_damaged"], report["metadata_problems"], report["metadata_rewritten"]) == (0, 1, 1)
     assert meta_path.read_bytes() == right
+
+
+def test_gc_checkpoint_is_used_and_forgotten_when_done(tmp_path: Path) -> None:
+    from kvstore.gc.checkpoint import Checkpoint
+
+    url = _retired_store(tmp_path)
+    ckpt = tmp_path / "run.ckpt"
+    Checkpoint.open(ckpt, url="file:///another/store", t0=time.time(), grace=1800.0, dry_run=False).close()
+    done = _invoke("gc", url, "--json", "--grace", "30m", "--checkpoint", str(ckpt))
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert report["freed_objects"] == 7
+    assert "started afresh" in report["checkpoint"]
+    assert "another store" in report["checkpoint"]
+    assert not ckpt.exists()
+    text = _invoke("gc", url, "--checkpoint", str(ckpt))
+    assert text.exit_code == 0
+    assert "checkpoint:" not in text.output
+
+
+def test_sigterm_stops_a_gc_as_ctrl_c_does() -> None:
+    import asyncio
+    import signal
+
+    cleaned: list[bool] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().call_later(0.05, signal.raise_signal, signal.SIGTERM)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(True)  # where a checkpoint is closed
+
+    before = signal.getsignal(signal.SIGTERM)
+    with gc_cmd._sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        asyncio.run(run())
+    assert cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == before

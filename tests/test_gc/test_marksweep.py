@@ -266,9 +266,13 @@ class _FailingBulk:
 
     def __init__(self, inner: Any, *, refuse: str = "", interrupt: bool = False) -> None:
         self.inner, self.refuse, self.interrupt, self.batches = inner, refuse, interrupt, 0
+        self.fan_out, self.split_min = inner.fan_out, inner.split_min
 
     def list_objects(self, prefix: str) -> Any:
         return self.inner.list_objects(prefix)
+
+    async def list_level(self, prefix: str) -> Any:
+        return await self.inner.list_level(prefix)
 
     async def delete_objects(self, keys: Any) -> Any:
         from kvstore.storage.s3_batch import DeleteFailure
