@@ -19,6 +19,7 @@ from gc_helpers import run_gc_at, snapshot
 
 import kvstore
 import kvstore.access
+from kvstore import gc as kvgc
 from kvstore.formats.access import ACCESS_DIR, AccessRecord
 from kvstore.gc.evict import eviction_order, plan_prefix, subtree_recency
 
@@ -296,3 +297,13 @@ def test_subtree_recency_and_order_put_children_first() -> None:
     assert plan_prefix(cands, 4, max_bytes=2, idle_before=None, protect_from=100.0) == (2, True)
     assert plan_prefix(cands, 4, max_bytes=0, idle_before=None, protect_from=30.0) == (1, False)
     assert plan_prefix(cands, 4, max_bytes=None, idle_before=30.0, protect_from=100.0) == (1, True)
+
+
+@pytest.mark.parametrize("backend", ["local"])
+async def test_a_run_that_evicts_takes_no_checkpoint(store_url: Any, tmp_path: Any) -> None:
+    url, opts = store_url
+    async with kvstore.open(url, storage_options=opts):
+        pass
+    with pytest.raises(kvstore.InvalidInputError, match="checkpoint"):
+        await kvgc.run_gc(url, storage_options=opts, max_bytes=1, checkpoint=tmp_path / "run.ckpt")
+    assert not (tmp_path / "run.ckpt").exists()
