@@ -46,6 +46,12 @@ class EvictColumns:
         self.sizes.append(size)
         self.mtimes.append(0.0 if mtime is None else mtime)
 
+    def extend(self, other: EvictColumns) -> None:
+        """Append ``other``'s rows after these."""
+        self.digests += other.digests
+        self.sizes.extend(other.sizes)
+        self.mtimes.extend(other.mtimes)
+
 
 @dataclass(slots=True)
 class EvictModel:

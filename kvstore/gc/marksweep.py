@@ -124,10 +124,6 @@ class _Commits:
         """The per-chunk arrays by name (what a checkpoint records of the mark)."""
         return {name: getattr(self, name) for name in _COLUMNS}
 
-    def extend(self, other: _Commits) -> None:
-        for name, column in self.columns().items():
-            column.extend(getattr(other, name))
-
 
 @dataclass(slots=True)
 class _Marks:
@@ -497,9 +493,7 @@ class _Mark:
             if c.evict is not None:
                 into = self.commits[mid]
                 into.evict = into.evict or EvictColumns()
-                into.evict.digests += c.evict.digests
-                into.evict.sizes.extend(c.evict.sizes)
-                into.evict.mtimes.extend(c.evict.mtimes)
+                into.evict.extend(c.evict)
 
     async def _read(
         self, mid: str, khex: str, meta: ObjectMeta, found: dict[str, _Commits], protected: dict[str, str]
