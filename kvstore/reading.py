@@ -116,12 +116,8 @@ class ChunkReader:
 
         keys = chunk_keys(spec, tokens, self.chunk_tokens, include_tail=True)
         paths = [data_path(chunk_prefix(mid, k.digest)) for k in keys]
-        if not probe or self.requests.reads_into_buffers:
-            found = await self.requests.head_many(paths)
-            end = next((i for i, m in enumerate(found) if m is None), len(keys))
-            seen = dict(enumerate(found))
-        else:
-            end, seen = await self.requests.find_first_missing(paths)
+        # A store that reads into buffers needs every size (it plans each read from it): HEAD all.
+        end, seen = await self.requests.find_first_missing(paths, probe=probe and not self.requests.reads_into_buffers)
         hits = [Hit(key, None if (m := seen.get(i)) is None else m.size) for i, key in enumerate(keys[:end])]
         if len(hits) < len(keys):
             tail = await self._find_saved_tail(mid, tokens, keys[len(hits)], size_of)

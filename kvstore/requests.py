@@ -127,15 +127,19 @@ class Requests:
             self.counters.requests_head += len(keys)
             return await self.backend.head_many(keys)
 
-    async def find_first_missing(self, keys: Sequence[str]) -> tuple[int, dict[int, ObjectMeta | None]]:
-        """The first missing object of a chain of ``keys`` and what was HEADed (``kvstore.probing``).
+    async def find_first_missing(
+        self, keys: Sequence[str], *, probe: bool = True
+    ) -> tuple[int, dict[int, ObjectMeta | None]]:
+        """The first missing object of a chain of ``keys`` and what was HEADed.
 
-        A backend that batches HEADs answers every key in one request: it HEADs all.
+        With ``probe`` a long chain is probed (``kvstore.probing``), except on a
+        backend that batches HEADs (one request answers every key); else every
+        key is HEADed in one round.
         """
-        if self.backend.batches_heads:
-            metas = await self.head_many(keys)
-            return next((i for i, m in enumerate(metas) if m is None), len(keys)), dict(enumerate(metas))
-        return await find_first_missing(self.head_many, keys)
+        if probe and not self.backend.batches_heads:
+            return await find_first_missing(self.head_many, keys)
+        metas = await self.head_many(keys)
+        return next((i for i, m in enumerate(metas) if m is None), len(keys)), dict(enumerate(metas))
 
     async def get(self, key: str) -> bytes:
         async with self._limit():
