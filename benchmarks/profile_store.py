@@ -27,8 +27,20 @@ import torch
 
 import kvstore
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_store import DTYPES, GB, evict
+GB = 1e9
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def evict(root: str) -> None:
+    """Drop every file under ``root`` from the page cache (DONTNEED skips dirty pages, so sync first)."""
+    os.sync()
+    for directory, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 async def run(args: argparse.Namespace) -> None:
