@@ -114,6 +114,10 @@ class Requests:
     def reads_into_buffers(self) -> bool:
         return self.backend.reads_into_buffers
 
+    @property
+    def writes_parts(self) -> bool:
+        return self.backend.writes_parts
+
     async def head(self, key: str) -> ObjectMeta | None:
         async with self._limit():
             self.counters.requests_head += 1

@@ -304,8 +304,9 @@ class KVStore:
             base = missing[0].start  # copy only what is written, not the prefix already stored
             async with self._stagings.for_kv(kv).transfers() as transfers:
                 host = await transfers.to_host(kv, base)
+                views = [(byte_view(k), byte_view(v)) for k, v in host]  # once per save, sliced per chunk
                 written = await run_all(
-                    self._write_chunk(spec, mid, key, host, base, present=_presence(seen, first_gap + i))
+                    self._write_chunk(spec, mid, key, views, base, present=_presence(seen, first_gap + i))
                     for i, key in enumerate(missing)
                 )
         if self._access is not None:  # a save is a use of every chunk of its prefix, written or deduplicated
@@ -345,7 +346,14 @@ class KVStore:
         self._live_checked[mid] = now
 
     async def _write_chunk(
-        self, spec: ModelSpec, mid: bytes, key: ChunkKey, host: list[LayerKV], base: int, *, present: bool | None
+        self,
+        spec: ModelSpec,
+        mid: bytes,
+        key: ChunkKey,
+        views: list[tuple[np.ndarray, np.ndarray]],
+        base: int,
+        *,
+        present: bool | None,
     ) -> tuple[int, int]:
         """Write a chunk's zarr.json, then its data object (the commit point); return (bytes, objects).
 
@@ -355,22 +363,36 @@ class KVStore:
         HEADed (None) is created, and overwritten if it turns out to be there.
         """
         prefix = chunk_prefix(mid, key.digest)
+        path = data_path(prefix)
         row = spec.row_bytes
-        lo, hi = (key.start - base) * row, (key.end - base) * row  # host starts at token `base`
-        layers = [(byte_view(k)[lo:hi].data, byte_view(v)[lo:hi].data) for k, v in host]
+        lo, hi = (key.start - base) * row, (key.end - base) * row  # views start at token `base`
+        layers = [(k[lo:hi].data, v[lo:hi].data) for k, v in views]
         header = ChunkHeader(key.digest, key.parent, key.index, mid, key.num_tokens, spec.num_layers, self._codec.name)
         itemsize = dtype_info(spec.dtype).itemsize
-        # One worker-thread hop per chunk: checksums (and compression) of every layer.
-        parts = await asyncio.to_thread(lambda: data_object(header, encode_layers(self._codec, layers, itemsize)))
+        joined = not self._requests.writes_parts
+
+        def encode() -> list[memoryview] | bytes:
+            parts = data_object(header, encode_layers(self._codec, layers, itemsize))
+            return b"".join(parts) if joined else parts  # joined here, not on the event loop
+
+        # One worker-thread hop per chunk: checksums (and compression) of every layer, and the join.
+        data = await asyncio.to_thread(encode)
+
+        async def put(*, create_only: bool) -> bool:
+            if isinstance(data, bytes):
+                return await self._requests.put(path, data, create_only=create_only)
+            return await self._requests.put_parts(path, data, create_only=create_only)
+
         meta = zarr_array_metadata(spec, key.num_tokens, self._codec.name)
         await self._requests.put(prefix + ZARR_JSON, meta)
-        created = await self._requests.put_parts(data_path(prefix), parts, create_only=present is not True)
+        created = await put(create_only=present is not True)
         if not created and present is None:  # there after the gap: renew its mtime
-            created = await self._requests.put_parts(data_path(prefix), parts)
+            created = await put(create_only=False)
         if not created:  # another writer committed it first, perhaps with another codec
             await self._match_winner_metadata(spec, prefix, meta)
             return len(meta), 0
-        nbytes, nobjects = len(meta) + sum(len(p) for p in parts), 2
+        size = len(data) if isinstance(data, bytes) else sum(len(p) for p in data)
+        nbytes, nobjects = len(meta) + size, 2
         if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
             await self._requests.put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
             nbytes, nobjects = nbytes + len(key.digest), nobjects + 1

@@ -37,9 +37,11 @@ class ObjectStore(ABC):
     reads_into_buffers: bool = False
     """True when ``get_into`` / ``get_range_into`` read straight into caller memory (no intermediate copy)."""
     has_cache_tiers: bool = False
+    """True when some reads may be served by a cache tier in front of the source (see ``drop_cached``)."""
     batches_heads: bool = False
     """True when ``head_many`` answers many keys in one call (a local directory: one worker-thread hop)."""
-    """True when some reads may be served by a cache tier in front of the source (see ``drop_cached``)."""
+    writes_parts: bool = False
+    """True when ``put_parts`` writes the parts as they are (``writev``); else it joins them into one buffer."""
 
     async def drop_cached(self, key: str) -> None:  # noqa: B027 - optional hook with a default
         """Forget any cached copy of ``key`` so the next read comes from the source (no-op without tiers)."""

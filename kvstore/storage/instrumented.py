@@ -93,6 +93,7 @@ class InstrumentedObjectStore(ObjectStore):
         self.reads_into_buffers = inner.reads_into_buffers
         self.has_cache_tiers = inner.has_cache_tiers
         self.batches_heads = inner.batches_heads
+        self.writes_parts = inner.writes_parts
         self._clock = clock
         self._recorders = {op: _Recorder() for op in OPERATIONS}
 

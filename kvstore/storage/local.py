@@ -31,6 +31,7 @@ class LocalObjectStore(ObjectStore):
 
     reads_into_buffers = True
     batches_heads = True
+    writes_parts = True
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()

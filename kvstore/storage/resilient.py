@@ -154,6 +154,7 @@ class ResilientObjectStore(ObjectStore):
         self.reads_into_buffers = inner.reads_into_buffers
         self.has_cache_tiers = inner.has_cache_tiers
         self.batches_heads = inner.batches_heads
+        self.writes_parts = inner.writes_parts
         self.stats = RetryStats()
         self.breaker = CircuitBreaker(self.policy.breaker_threshold, self.policy.breaker_cooldown, self.stats, clock)
 
@@ -249,7 +250,7 @@ class ResilientObjectStore(ObjectStore):
         return await self._request(key, lambda: self.inner.get_planned(key, head, plan, then=then), on_buffers=True)
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
-        if not self.inner.reads_into_buffers:  # the base put_parts: it joins the parts before any request
+        if not self.inner.writes_parts:  # the base put_parts: it joins the parts before any request
             return await super().put_parts(key, parts, create_only=create_only)
         return await self._request(
             key, lambda: self.inner.put_parts(key, parts, create_only=create_only), on_buffers=True

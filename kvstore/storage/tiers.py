@@ -97,6 +97,7 @@ class TieredObjectStore(ObjectStore):
     ) -> None:
         self.source = source
         self.batches_heads = source.batches_heads
+        self.writes_parts = source.writes_parts
         self.disk = disk
         self.url = source.url
         self._cacheable = cacheable

@@ -3,8 +3,9 @@
 The backend here does its I/O in a worker thread that genuinely blocks
 (``threading.Event``), as a stalled disk read does: cancelling the awaiting
 coroutine does not stop it. A backend that works on the caller's buffers in its
-thread (``reads_into_buffers``) is waited for past the timeout; any other is
-given up and retried, but its late thread only ever holds bytes of its own.
+thread (``reads_into_buffers``, ``writes_parts``: a local directory) is waited for
+past the timeout; any other is given up and retried, but its late thread only
+ever holds bytes of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StallingStore(ObjectStore):
     def __init__(self, *, reads_into_buffers: bool) -> None:
         self.url = "stalling://"
         self.reads_into_buffers = reads_into_buffers
+        self.writes_parts = reads_into_buffers  # like a local directory: reads into and writes from them
         self.objects: dict[str, bytes] = {"k": DATA}
         self.stalls = 1
         self.release = threading.Event()
