@@ -29,6 +29,7 @@ import torch
 from click.testing import CliRunner
 
 from kvstore.cli.main import cli
+from kvstore.integrations.vllm.scheduler import LOOKUP_TIMEOUT_S
 
 pytestmark = pytest.mark.s3
 
@@ -279,10 +280,11 @@ def test_unreachable_store_is_a_miss_with_bounded_latency(runs: dict[str, Any]) 
     assert row["logprobs"] == plain["logprobs"]
     assert runs["b_down"]["scheduler"]["lookup_failures"] == 1
     assert runs["b_down"]["worker"]["saves_dropped"] == 1
+    # The lookup answered within its deadline (measured where it runs: the step times of two engines
+    # differ by seconds on a busy 2-core machine, 12.8 s was seen in CI, so they only guard against a hang).
+    assert runs["b_down"]["scheduler"]["lookup_seconds"] < LOOKUP_TIMEOUT_S + 1.0
     extra = runs["b_down"]["steps"]["p1"]["seconds"] - runs["b_none"]["steps"]["p1"]["seconds"]
-    # At most the lookup deadline (2 s) plus noise: the two steps run in separate processes, whose prefill
-    # times differ by seconds on a busy 2-core machine (5.5 s was seen there); a hang would take minutes.
-    assert extra < 10.0
+    assert extra < 60.0
 
 
 def test_new_weights_in_the_same_directory_do_not_hit(runs: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ class Counts:
     """Tokens vLLM was told it can load (beyond its own prefix cache)."""
     lookup_failures: int = 0
     """Lookups that met an unreachable store or its deadline (answered as misses)."""
+    lookup_seconds: float = 0.0
+    """Wall time from a lookup's start to its answer (hit, miss or failure), summed over lookups."""
     loads: int = 0
     load_bytes: int = 0
     load_seconds: float = 0.0

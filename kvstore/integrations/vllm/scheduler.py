@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -112,7 +113,15 @@ class SchedulerSide:
         return state
 
     async def _lookup(self, state: _Request) -> int:
-        """The prompt's hit in every shard (0 on any failure); starts the prefetch when it is worth it."""
+        """The prompt's hit in every shard (0 on any failure), timed in ``lookup_seconds``."""
+        t0 = time.perf_counter()
+        try:
+            return await self._find_hit(state)
+        finally:
+            self._counters.add(lookup_seconds=time.perf_counter() - t0)
+
+    async def _find_hit(self, state: _Request) -> int:
+        """The hit in every shard (0 on any failure); starts the prefetch when it is worth it."""
         specs = [replace(spec, version=state.version) for spec in self._specs]
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_S):
