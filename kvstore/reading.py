@@ -9,7 +9,6 @@ first). Every layer's crc32c is checked before its bytes count as loaded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from kvstore._tasks import run_all
+from kvstore._workers import in_worker
 from kvstore.access import AccessRecorder
 from kvstore.errors import FormatVersionError, IntegrityError, StoreUnavailableError
 from kvstore.formats.codecs import Codec, get_codec
@@ -217,7 +217,7 @@ class ChunkReader:
             progress(0, len(whole))
             head = parse_head(whole, nl, len(whole))
             codec = check_chunk_head(head, spec, mid, hit.key)
-            await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, 0, nl)
+            await in_worker(self._decode, codec, whole, 0, head, dest, 0, nl)
             progress(nl, len(whole))
             return len(whole)
         # The first range: the index, the header and layer 0 (the header's likely size, lz4/blosc's worst case).
@@ -234,7 +234,7 @@ class ChunkReader:
         ready = 0
         while ready < nl and head.spans[ready].end <= len(first):
             ready += 1
-        await asyncio.to_thread(self._decode, codec, first, 0, head, dest, 0, ready)
+        await in_worker(self._decode, codec, first, 0, head, dest, 0, ready)
         progress(ready, len(first))
         if ready == nl:
             return len(first)
@@ -243,7 +243,7 @@ class ChunkReader:
         later = await req.get_range(path, len(first), head.size, priority=1)
         whole = memoryview(bytes(first) + later)  # layers may lie anywhere after the first range
         progress(ready, len(whole))
-        await asyncio.to_thread(self._decode, codec, whole, 0, head, dest, ready, nl)
+        await in_worker(self._decode, codec, whole, 0, head, dest, ready, nl)
         progress(nl, len(first) + len(later))
         return len(first) + len(later)
 

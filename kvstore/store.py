@@ -7,7 +7,6 @@ threads so the event loop never stalls on it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from kvstore._tasks import run_all
+from kvstore._workers import in_worker
 from kvstore.access import DEFAULT_FLUSH_INTERVAL, AccessRecorder
 from kvstore.errors import (
     IntegrityError,
@@ -376,7 +376,7 @@ class KVStore:
             return b"".join(parts) if joined else parts  # joined here, not on the event loop
 
         # One worker-thread hop per chunk: checksums (and compression) of every layer, and the join.
-        data = await asyncio.to_thread(encode)
+        data = await in_worker(encode)
 
         async def put(*, create_only: bool) -> bool:
             if isinstance(data, bytes):

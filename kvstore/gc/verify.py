@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvstore._tasks import task_group
+from kvstore._workers import in_worker
 from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError
 from kvstore.formats.layout import DATA_NAME, ZARR_JSON, model_chunks_prefix, zarr_array_metadata
 from kvstore.formats.shard import ShardHead, decode_layer, parse_head
@@ -169,7 +170,7 @@ async def _check_chunk(
     if h.num_tokens > chunk_tokens:
         return f"data object says {h.num_tokens} tokens, more than a chunk holds ({chunk_tokens})"
     try:
-        await asyncio.to_thread(_check_layers, codec, data, head, 2 * h.num_tokens * spec.row_bytes)
+        await in_worker(_check_layers, codec, data, head, 2 * h.num_tokens * spec.row_bytes)
     except IntegrityError as exc:
         return str(exc)
     await _check_metadata(backend, info, data_key[: -len(DATA_NAME)], head, report, repair)

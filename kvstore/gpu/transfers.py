@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvstore._workers import in_worker
 from kvstore.gpu.engine import CopyEngine, CopyEvent
 from kvstore.gpu.pool import HostBlock, HostPool, tensor_nbytes
 from kvstore.results import LayerKV
@@ -108,7 +109,7 @@ class PlainTransfers(Transfers):
     async def to_host(
         self, kv: Sequence[LayerKV], start: int = 0, stop: int | None = None, *, copy: bool = False
     ) -> list[LayerKV]:
-        return await asyncio.to_thread(host_kv, kv, start, stop, copy=copy)
+        return await in_worker(host_kv, kv, start, stop, copy=copy)
 
     async def aclose(self, *, reuse: bool = True) -> None:
         return None
@@ -183,7 +184,7 @@ class CudaTransfers(Transfers):
                 out[i] = dst
         others = [i for i, t in enumerate(flat) if t.device != self.device]
         if others:  # another device than this staging's: a plain copy, as without staging
-            copies = await asyncio.to_thread(lambda: [host_copy(flat[i], copy=copy) for i in others])
+            copies = await in_worker(lambda: [host_copy(flat[i], copy=copy) for i in others])
             for i, t in zip(others, copies, strict=True):
                 out[i] = t
         host = [t for t in out if t is not None]

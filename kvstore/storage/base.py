@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from kvstore._workers import in_worker
 from kvstore.storage.translation import translate_errors
 
 __all__ = ["ObjectMeta", "ObjectStore", "ReadPlan", "translate_errors"]
@@ -83,7 +84,7 @@ class ObjectStore(ABC):
                 then(offset)
             return offset
 
-        return await asyncio.to_thread(fill)
+        return await in_worker(fill)
 
     async def get_planned(
         self,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvstore._workers import in_worker
 from kvstore.errors import InvalidInputError, KVStoreError
 from kvstore.storage.base import translate_errors
 from kvstore.storage.local import TMP_MARK, LocalObjectStore
@@ -108,7 +109,7 @@ class DiskTier:
     async def _hit(self, key: str, read: Callable[..., tuple[bytes, int]], *args: int) -> bytes | None:
         """Run ``read(path, *args) -> (bytes, file size)`` in a thread; a miss or a failing disk gives None."""
         try:
-            data, size = await asyncio.to_thread(read, self.root / key, *args)
+            data, size = await in_worker(read, self.root / key, *args)
         except _MISSING:
             self._forget(key)
             return None

@@ -2,7 +2,8 @@
 
 Writes go to a temporary file in the target directory and are published with
 ``rename`` (or ``link`` for create-only), so a reader or a crash never sees a
-torn object. Blocking file I/O runs in worker threads.
+torn object. Reads and writes of bytes run on kvstore's worker threads
+(``kvstore._workers``); metadata calls on ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+from kvstore._workers import in_worker
 from kvstore.errors import ObjectNotFoundError
 from kvstore.storage.base import ObjectMeta, ObjectStore, ReadPlan, translate_errors
 
@@ -44,14 +46,14 @@ class LocalObjectStore(ObjectStore):
     async def get(self, key: str) -> bytes:
         with translate_errors(self.url, key, "get"):
             try:
-                return await asyncio.to_thread(self._path(key).read_bytes)
+                return await in_worker(self._path(key).read_bytes)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         with translate_errors(self.url, key, "get_range"):
             try:
-                return await asyncio.to_thread(self._pread, self._path(key), start, end)
+                return await in_worker(self._pread, self._path(key), start, end)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
@@ -70,7 +72,7 @@ class LocalObjectStore(ObjectStore):
     ) -> int:
         with translate_errors(self.url, key, "get_range_into"):
             try:
-                return await asyncio.to_thread(self._preadv_then, self._path(key), start, buffers, then)
+                return await in_worker(self._preadv_then, self._path(key), start, buffers, then)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
@@ -84,7 +86,7 @@ class LocalObjectStore(ObjectStore):
     ) -> tuple[bytes, int]:
         with translate_errors(self.url, key, "get_planned"):
             try:
-                return await asyncio.to_thread(self._planned, self._path(key), head, plan, then)
+                return await in_worker(self._planned, self._path(key), head, plan, then)
             except _NO_OBJECT as exc:
                 raise ObjectNotFoundError(f"{self.url}: no object at {key!r}") from exc
 
@@ -135,7 +137,7 @@ class LocalObjectStore(ObjectStore):
 
     async def put_parts(self, key: str, parts: Sequence[memoryview], *, create_only: bool = False) -> bool:
         with translate_errors(self.url, key, "put"):
-            return await asyncio.to_thread(self._write, self._path(key), parts, create_only)
+            return await in_worker(self._write, self._path(key), parts, create_only)
 
     @staticmethod
     def _open_tmp(path: Path) -> tuple[Path, int]:
@@ -150,7 +152,7 @@ class LocalObjectStore(ObjectStore):
 
     async def put(self, key: str, data: bytes, *, create_only: bool = False) -> bool:
         with translate_errors(self.url, key, "put"):
-            return await asyncio.to_thread(self._write, self._path(key), [memoryview(data)], create_only)
+            return await in_worker(self._write, self._path(key), [memoryview(data)], create_only)
 
     def _write(self, path: Path, parts: Sequence[memoryview], create_only: bool) -> bool:
         """``writev`` into a temporary file, then publish it: ``rename``, or ``link`` for create-only."""
