@@ -8,7 +8,7 @@ Two defaults differ from botocore's, each unless the user sets it (in
   every PutObject is sent as an aws-chunked upload with a trailing CRC32 and, over
   HTTPS, no Content-Length; S3-compatible servers that predate it (Ceph RGW 16,
   older MinIO, ECS) refuse it (411 MissingContentLength, 400 XAmzContentSHA256Mismatch).
-  kvstore verifies every object it reads with its own blake3 checksums.
+  kvstore verifies every object it reads with its own crc32c checksums.
 - **No retries below kvstore's** (``retries={"mode": "standard", "total_max_attempts": 1}``
   and s3fs's ``retries = 1``): kvstore's RetryPolicy is the one retry layer, so one
   failing request is ``RetryPolicy.attempts`` requests, not attempts x s3fs's 5 x
