@@ -18,7 +18,7 @@ from fsspec.implementations.memory import MemoryFile
 
 from kvstore.errors import InvalidInputError
 from kvstore.storage.base import ObjectMeta, ObjectStore
-from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs
+from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs, uses_https
 from kvstore.storage.translation import http_answer, translate_errors
 
 __all__ = ["FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
@@ -201,8 +201,8 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
     """Create the filesystem for ``url`` inside the running loop (never from fsspec's cache).
 
     For ``s3://`` the botocore client gets kvstore's defaults (see
-    ``kvstore.storage.s3_settings``): checksums only where required, and no
-    retries below kvstore's own.
+    ``kvstore.storage.s3_settings``): checksums only where required, no
+    retries below kvstore's own, unsigned bodies over HTTPS.
     """
     protocol, _, _ = url.partition("://")
     cls = fsspec.get_filesystem_class(protocol)
@@ -215,7 +215,7 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
         if s3:
             options.setdefault("max_concurrency", 1)  # s3fs otherwise HEADs before every GET
     if s3:
-        options["config_kwargs"] = botocore_config_kwargs(options.get("config_kwargs"))
+        options["config_kwargs"] = botocore_config_kwargs(options.get("config_kwargs"), https=uses_https(options))
     try:
         fs = cls(**options)
     except TypeError as exc:  # an option the filesystem does not take

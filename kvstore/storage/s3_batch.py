@@ -22,7 +22,7 @@ from kvstore._tasks import task_group
 from kvstore.errors import InvalidInputError, StorageError, StorePermissionError
 from kvstore.storage.base import ObjectMeta
 from kvstore.storage.resilient import RetryPolicy
-from kvstore.storage.s3_settings import botocore_config_kwargs
+from kvstore.storage.s3_settings import botocore_config_kwargs, uses_https
 from kvstore.storage.translation import translate_error, translate_errors
 
 __all__ = ["MAX_DELETE_BATCH", "DeleteFailure", "S3BatchClient"]
@@ -111,7 +111,9 @@ class S3BatchClient:
             ) from exc
         session_args, client_args = self._client_args()
         # No RetryPolicy wraps these calls: botocore's standard retries are their one retry layer.
-        settings = botocore_config_kwargs(self._options.get("config_kwargs"), attempts=RetryPolicy().attempts)
+        settings = botocore_config_kwargs(
+            self._options.get("config_kwargs"), https=uses_https(self._options), attempts=RetryPolicy().attempts
+        )
         settings.setdefault("max_pool_connections", max(10, 2 * self.max_in_flight + self.fan_out))
         config = Config(**settings)
         with translate_errors(self.url, "", "open"):

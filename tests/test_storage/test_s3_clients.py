@@ -18,8 +18,10 @@ import pytest
 import kvstore
 from kvstore.errors import StoreUnavailableError
 from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage.fsspec_store import S3ObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.s3_batch import S3BatchClient
+from kvstore.storage.s3_settings import botocore_config_kwargs, uses_https
 from kvstore.testing.faultproxy import FaultProxy
 from kvstore.testing.s3servers import S3Server
 
@@ -112,6 +114,63 @@ async def test_the_gc_bulk_client_has_one_retry_layer_too(proxy: FaultProxy, s3_
 
 
 # ---------------------------------------------------------------------- HTTPS, checksums (RGW)
+
+
+@pytest.mark.parametrize(
+    ("options", "https"),
+    [
+        ({}, True),  # AWS's own endpoint
+        ({"endpoint_url": "https://s3.example.com"}, True),
+        ({"endpoint_url": "http://127.0.0.1:9000"}, False),
+        ({"client_kwargs": {"endpoint_url": "HTTPS://s3.example.com"}}, True),
+        ({"use_ssl": False}, False),
+        ({"client_kwargs": {"use_ssl": False}}, False),
+    ],
+)
+def test_which_clients_talk_tls(options: dict[str, Any], https: bool) -> None:
+    assert uses_https(options) is https
+
+
+def test_bodies_are_unsigned_over_https_only_and_the_users_setting_wins() -> None:
+    assert botocore_config_kwargs(None, https=True)["s3"] == {"payload_signing_enabled": False}
+    assert "s3" not in botocore_config_kwargs(None, https=False)
+    path_style = {"s3": {"addressing_style": "path"}}
+    assert botocore_config_kwargs(path_style, https=True)["s3"] == {
+        "addressing_style": "path",
+        "payload_signing_enabled": False,
+    }
+    assert path_style == {"s3": {"addressing_style": "path"}}  # the user's dict is not changed
+    signed = {"s3": {"payload_signing_enabled": True}}
+    assert botocore_config_kwargs(signed, https=True)["s3"] == {"payload_signing_enabled": True}
+
+
+async def _put_body_hashes(url: str, options: dict[str, Any]) -> list[str]:
+    """The ``X-Amz-Content-SHA256`` header of each PUT a default kvstore S3 backend sends (as on the wire)."""
+    backend = await open_object_store(url, options)
+    assert isinstance(backend, S3ObjectStore)
+    sent: list[str] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append(request.headers["X-Amz-Content-SHA256"].decode())
+
+    backend.fs.s3.meta.events.register("before-send.s3.PutObject", record)
+    try:
+        await backend.put("signed", b"v" * 5000)
+        await backend.put("created", b"w" * 5000, create_only=True)
+        assert await backend.get("created") == b"w" * 5000
+    finally:
+        await backend.close()
+    return sent
+
+
+@pytest.mark.rgw
+@pytest.mark.parametrize("backend", ["rgw"])
+async def test_put_bodies_are_unsigned_over_https_and_signed_over_http(rgw_https: S3Server, store_url: Any) -> None:
+    over_tls = await _put_body_hashes(store_url.url, rgw_https.storage_options(rgw_https.https_endpoint))
+    assert over_tls == ["UNSIGNED-PAYLOAD"] * 2
+    plain = await _put_body_hashes(store_url.url, rgw_https.storage_options())
+    assert len(plain) == 2
+    assert all(len(h) == 64 and h != "UNSIGNED-PAYLOAD" for h in plain)  # the body's SHA-256, hex
 
 
 @pytest.fixture
