@@ -17,8 +17,8 @@ Three defaults differ from botocore's, each unless the user sets it (in
   wraps, keeps botocore's standard retries as its one layer (``attempts``).
 - **Unsigned bodies over HTTPS** (``s3={"payload_signing_enabled": False}``, only when the
   endpoint is HTTPS, as AWS's own is). Without a checksum header botocore SHA-256-hashes every
-  body into the signature, in Python on the event loop: 0.5 CPU s per GB where the CPU hashes
-  SHA-256 in hardware, about 2 s where it does not (Intel before Ice Lake). TLS already
+  body into the signature on the event loop's thread: a save to Ceph RGW over HTTPS measured
+  9.4 client CPU s per GB signed, 6.7 unsigned (0.064 and 0.080 GB/s). TLS already
   protects the bytes in transit and kvstore checks every layer's crc32c when it reads. Over
   plain HTTP bodies stay signed: there the signature is the only thing that stops a
   man in the middle from changing what is stored.
