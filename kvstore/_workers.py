@@ -7,7 +7,9 @@ before their crc32c is checked: verified page-cache loads of the small-head
 payload measured 1.45 GB/s on 6 threads, 1.76 on 4, 1.81 on 2 (2.57 / 3.19 /
 3.00 for the large one). Twice the CPUs keeps reads from a cold disk overlapping
 while the copies stay in cache. Metadata calls (stat, listing, unlink) wait
-rather than compute and stay on ``asyncio.to_thread``.
+rather than compute and stay on ``asyncio.to_thread``. ``KVSTORE_WORKER_THREADS``
+sets the count (e.g. fewer, where an inference engine needs the CPUs); it is read
+when the pool is made, on first use.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["in_worker", "worker_count"]
+from kvstore.errors import InvalidInputError
+
+__all__ = ["ENV_THREADS", "in_worker", "worker_count"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,8 +34,17 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 
 
+ENV_THREADS = "KVSTORE_WORKER_THREADS"
+
+
 def worker_count() -> int:
-    """Threads of the pool: twice the CPUs this process may run on, at most 32 (asyncio's own cap)."""
+    """Threads of the pool: ``KVSTORE_WORKER_THREADS``, else twice the CPUs this process may run on, at most 32
+    (asyncio's own cap)."""
+    text = os.environ.get(ENV_THREADS, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise InvalidInputError(f"{ENV_THREADS} must be a whole number of threads >= 1, got {text!r}")
+        return int(text)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(32, 2 * cpus)
 

@@ -10,16 +10,35 @@ import threading
 
 import pytest
 
-from kvstore._workers import in_worker, worker_count
+from kvstore import _workers
+from kvstore._workers import ENV_THREADS, in_worker, worker_count
+from kvstore.errors import InvalidInputError
 
 
 def _thread_name() -> str:
     return threading.current_thread().name
 
 
-def test_pool_has_twice_the_cpus_at_most_32() -> None:
+def test_pool_has_twice_the_cpus_at_most_32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_THREADS, raising=False)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     assert worker_count() == min(32, 2 * cpus)
+
+
+async def test_the_environment_sets_the_count_of_a_new_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_THREADS, "3")
+    assert worker_count() == 3
+    monkeypatch.setattr(_workers, "_pool", None)  # as in a process that has not used it yet
+    names = await asyncio.gather(*(in_worker(_thread_name) for _ in range(12)))
+    assert len(set(names)) <= 3
+    _workers._workers().shutdown(wait=False)  # the process's own pool comes back when monkeypatch undoes
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "four", "1.5"])
+def test_a_bad_thread_count_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv(ENV_THREADS, bad)
+    with pytest.raises(InvalidInputError, match=ENV_THREADS):
+        worker_count()
 
 
 async def test_work_runs_on_kvstore_threads_and_raises_there() -> None:
