@@ -9,6 +9,11 @@ worker thread) to rebuild the index, so eviction order survives restarts.
 Everything here is best effort: a failing or full cache disk is a miss, never
 a failed read. Files are published by rename (``LocalObjectStore``), so a
 reader never sees a torn copy; checksums above the tiers catch any other damage.
+
+The file operations on one key (write, read, unlink) run one after another in
+the order they were issued, each with its change to the index, as tasks that a
+cancelled caller does not stop: an eviction's unlink that worker threads run late
+cannot delete a copy written after it, and the index stays what is on disk.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvstore._workers import in_worker
 from kvstore.errors import InvalidInputError, KVStoreError
@@ -34,6 +39,8 @@ from kvstore.storage.local import TMP_MARK, LocalObjectStore
 __all__ = ["DEFAULT_DISK_CACHE_BYTES", "DiskTier", "cache_dir", "source_identity"]
 
 logger = logging.getLogger("kvstore")
+
+T = TypeVar("T")
 
 DEFAULT_DISK_CACHE_BYTES = 10 << 30
 """10 GiB: a fair share of one NVMe drive, far more than one prompt's KV."""
@@ -76,6 +83,7 @@ class DiskTier:
         self.evictions = 0
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
         self._files = LocalObjectStore(root)
+        self._last_op: dict[str, asyncio.Task[Any]] = {}  # per key: its latest file operation, until it ends
 
     @classmethod
     async def open(cls, directory: Path, source_id: str, budget: int) -> DiskTier:
@@ -108,17 +116,23 @@ class DiskTier:
 
     async def _hit(self, key: str, read: Callable[..., tuple[bytes, int]], *args: int) -> bytes | None:
         """Run ``read(path, *args) -> (bytes, file size)`` in a thread; a miss or a failing disk gives None."""
-        try:
-            data, size = await in_worker(read, self.root / key, *args)
-        except _MISSING:
-            self._forget(key)
-            return None
-        except OSError as exc:  # a failing cache disk is a miss: the source still has the object
-            logger.warning("disk cache %s: cannot read %r: %s", self.root, key, exc)
-            self._forget(key)
-            return None
-        self._note(key, size)  # a copy another process wrote is adopted here
-        await self._evict()
+
+        async def op() -> bytes | None:
+            try:
+                data, size = await in_worker(read, self.root / key, *args)
+            except _MISSING:
+                self._forget(key)
+                return None
+            except OSError as exc:  # a failing cache disk is a miss: the source still has the object
+                logger.warning("disk cache %s: cannot read %r: %s", self.root, key, exc)
+                self._forget(key)
+                return None
+            self._note(key, size)  # a copy another process wrote is adopted here
+            return data
+
+        data: bytes | None = await self._in_order([key], op)
+        if data is not None:
+            await self._evict()
         return data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes | None:
@@ -130,23 +144,60 @@ class DiskTier:
         size = sum(len(p) for p in parts)
         if size > self.budget:
             return
-        try:
-            await self._files.put_parts(key, parts)
-        except KVStoreError as exc:
-            logger.warning("disk cache %s: cannot write %r: %s", self.root, key, exc)
-            return
-        self._note(key, size)
-        await self._evict()
+
+        async def op() -> bool:
+            try:
+                await self._files.put_parts(key, parts)
+            except KVStoreError as exc:
+                logger.warning("disk cache %s: cannot write %r: %s", self.root, key, exc)
+                return False
+            self._note(key, size)
+            return True
+
+        if await self._in_order([key], op):
+            await self._evict()
 
     async def drop(self, keys: Sequence[str]) -> None:
         """Remove the copies of ``keys``; the next ``get`` of each is a miss."""
         for key in keys:
             self._forget(key)
-        await asyncio.to_thread(self._unlink, keys, prune=False)
+        await self._unlink_in_order(keys, prune=False)
 
     async def _evict(self) -> None:
         if victims := self._over_budget():  # no thread hop while within the budget
-            await asyncio.to_thread(self._unlink, victims)
+            await self._unlink_in_order(victims, prune=True)
+
+    async def _unlink_in_order(self, keys: Sequence[str], *, prune: bool) -> None:
+        """Unlink after every earlier operation on ``keys``; a copy of one noted meanwhile is forgotten with it."""
+
+        async def op() -> None:
+            await asyncio.to_thread(self._unlink, keys, prune)
+            for key in keys:
+                self._forget(key)
+
+        await self._in_order(keys, op)
+
+    async def _in_order(self, keys: Sequence[str], op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` as a task after the operations issued before it on any of ``keys``; a cancelled caller
+        leaves it running, so the next operation on those keys still comes after it."""
+        before = {t for key in keys if (t := self._last_op.get(key)) is not None}
+
+        async def ordered() -> T:
+            if before:
+                await asyncio.wait(before)
+            return await op()
+
+        task = asyncio.ensure_future(ordered())
+        for key in keys:
+            self._last_op[key] = task
+
+        def done(t: asyncio.Task[Any]) -> None:
+            for key in keys:
+                if self._last_op.get(key) is t:
+                    del self._last_op[key]
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def _note(self, key: str, size: int) -> None:
         old = self._index.pop(key, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,33 @@ async def test_disk_tier_evicts_the_least_recently_used_copies_to_stay_within_it
     assert sorted(_files(tier.root)) == sorted(_key(n) for n in "de")
     assert sum(len(v) for v in _files(tier.root).values()) == tier.used <= 300
     assert not (tier.root / _key("b")).parent.exists()  # an evicted chunk leaves no empty directory
+
+
+async def test_an_eviction_unlinked_late_never_deletes_a_copy_written_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CI saw the index count a copy that was gone: an eviction's unlink, run late by a busy thread pool,
+    # deleted the copy a load had written again since. Here the unlink is held until the rewrite was issued.
+    tier = await DiskTier.open(tmp_path, "source", 100)
+    await tier.put(_key("a"), [memoryview(b"a" * 100)])
+    gate, unlinking = threading.Event(), threading.Event()
+    unlink = tier._unlink
+
+    def held_unlink(keys: Any, prune: bool = True) -> None:
+        unlinking.set()
+        assert gate.wait(10)
+        unlink(keys, prune)
+
+    monkeypatch.setattr(tier, "_unlink", held_unlink)
+    evicting = asyncio.ensure_future(tier.put(_key("b"), [memoryview(b"b" * 100)]))  # evicts a
+    assert await asyncio.to_thread(unlinking.wait, 10)
+    rewrite = asyncio.ensure_future(tier.put(_key("a"), [memoryview(b"A" * 100)]))  # a load fills it again
+    await asyncio.sleep(0.2)  # without the ordering, the rewrite lands now and the unlink deletes it next
+    gate.set()
+    await asyncio.gather(evicting, rewrite)
+    assert _files(tier.root) == {_key("a"): b"A" * 100}  # b went to make room for the newer a
+    assert tier.used == 100
+    assert await tier.get(_key("a")) == b"A" * 100
 
 
 async def test_disk_tier_recency_survives_a_restart(tmp_path: Path) -> None:
