@@ -22,12 +22,21 @@ from typing import Any
 
 from kvstore.testing.s3servers import SERVER_NAMES, S3Server, start_s3_server
 
-__all__ = ["SERVER_NAMES", "S3Server", "add_server_option", "fresh_store", "s3_server", "start"]
+__all__ = ["SERVER_NAMES", "S3Server", "add_server_option", "add_transport_option", "fresh_store", "s3_server", "start"]
 
 
 def add_server_option(parser: argparse.ArgumentParser, default: str = "moto") -> None:
     parser.add_argument(
         "--server", choices=SERVER_NAMES, default=default, help=f"the S3 server to run against (default {default})"
+    )
+
+
+def add_transport_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--transport",
+        choices=("botocore", "crt"),
+        default="botocore",
+        help="how kvstore's S3 object bytes travel: storage_options['transport'] (default botocore)",
     )
 
 
@@ -48,10 +57,10 @@ def start(name: str) -> tuple[S3Server, Callable[[], None]]:
     return server, stack.close
 
 
-def fresh_store(server: S3Server, prefix: str = "bench") -> tuple[str, dict[str, Any]]:
-    """A new bucket on ``server``: the URL of a store in it and its ``storage_options``."""
+def fresh_store(server: S3Server, prefix: str = "bench", transport: str = "botocore") -> tuple[str, dict[str, Any]]:
+    """A new bucket on ``server``: the URL of a store in it and its ``storage_options`` (with ``transport``)."""
     bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
     client = server.client()
     client.create_bucket(Bucket=bucket)
     client.close()
-    return f"s3://{bucket}/kv", server.storage_options()
+    return f"s3://{bucket}/kv", {**server.storage_options(), "transport": transport}

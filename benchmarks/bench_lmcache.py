@@ -389,6 +389,9 @@ def report(n: int, lm: dict[str, Any], kv: dict[str, dict[str, list[float]]], ar
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--transport", choices=("botocore", "crt"), default="botocore", help="kvstore's S3 transport (storage option)"
+    )
     ap.add_argument("--backends", default="local,s3", help="comma-separated: local, s3")
     ap.add_argument("--lmcache-python", default="/work/lmvenv/bin/python", help="the Python of LMCache's venv")
     ap.add_argument("--dir", default=None, help="parent directory of the local stores (default: /tmp)")
@@ -450,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
 
             kv_res["local"] = asyncio.run(run_kvstore("local", args.reps, local_where, local_cleanup))
         if server is not None:
-            base, so = fresh_store(server)
+            base, so = fresh_store(server, transport=args.transport)
             bucket = base.removeprefix("s3://").split("/", 1)[0]
             tag = uuid.uuid4().hex[:8]
 

@@ -52,6 +52,7 @@ import kvstore
 from kvstore.formats.shard import crc32c
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _s3servers import add_transport_option
 
 GB = 1e9
 PAYLOADS = {"large": (32, 8, 128, 8192), "small-head": (16, 4, 64, 16384)}
@@ -486,6 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--payloads", default="large,small-head", help="comma-separated: large, small-head")
     ap.add_argument("--backends", default="memory,local", help="comma-separated: memory, local, s3")
     ap.add_argument("--server", choices=("moto", "rgw"), default="moto", help="the S3 server for --backends s3")
+    add_transport_option(ap)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-concurrency", type=int, default=32)
     ap.add_argument("--no-verify", dest="verify", action="store_false")
@@ -523,7 +525,7 @@ async def run(args: argparse.Namespace) -> None:
                     if backend == "memory":
                         return f"memory://kvbench-{tag}/{name}", None
                     if "s3" not in bucket_url:
-                        bucket_url["s3"] = fresh_store(server)
+                        bucket_url["s3"] = fresh_store(server, transport=args.transport)
                     url, so = bucket_url["s3"]
                     return f"{url}/{name}", so
 
@@ -536,7 +538,7 @@ async def run(args: argparse.Namespace) -> None:
                     mem = fsspec.filesystem("memory")
                     if mem.exists(f"/kvbench-{tag}"):
                         mem.rm(f"/kvbench-{tag}", recursive=True)
-    report(rows, concurrent, args, server.name if server is not None else "-")
+    report(rows, concurrent, args, f"{server.name} (transport {args.transport})" if server is not None else "-")
 
 
 class _nothing:

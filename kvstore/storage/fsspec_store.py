@@ -21,7 +21,12 @@ from kvstore.storage.base import ObjectMeta, ObjectStore
 from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs, uses_https
 from kvstore.storage.translation import http_answer, translate_errors
 
-__all__ = ["FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
+__all__ = ["TRANSPORTS", "TRANSPORT_OPTION", "FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
+
+TRANSPORT_OPTION = "transport"
+"""The ``storage_options`` key (kvstore's own, never passed to s3fs) that picks how S3 object bytes travel."""
+TRANSPORTS = ("botocore", "crt")
+"""botocore through s3fs (the default), or awscrt (``kvstore.storage.s3_crt``, the ``crt`` extra)."""
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -208,6 +213,11 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
     cls = fsspec.get_filesystem_class(protocol)
     options = dict(storage_options or {})
     s3 = protocol in ("s3", "s3a")
+    transport = options.pop(TRANSPORT_OPTION, "botocore")
+    if transport not in TRANSPORTS or (transport != "botocore" and not s3):
+        raise InvalidInputError(
+            f"storage option {TRANSPORT_OPTION}={transport!r}: one of {list(TRANSPORTS)}, and 'crt' only for s3://"
+        )
     if getattr(cls, "async_impl", False):
         options.setdefault("asynchronous", True)
         options.setdefault("skip_instance_cache", True)
@@ -228,5 +238,15 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
     root = cls._strip_protocol(url)
     if isinstance(root, list):  # pragma: no cover - fsspec typing allows lists
         root = root[0]
+    if transport == "crt":
+        from kvstore.storage.s3_crt import CrtS3ObjectStore
+
+        store = CrtS3ObjectStore(fs, str(root), url)
+        try:
+            await store.start_crt(options)
+        except BaseException:
+            await store.close()
+            raise
+        return store
     store_cls = _STORE_CLASSES.get(protocol, FsspecObjectStore)
     return store_cls(fs, str(root), url)

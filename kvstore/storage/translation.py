@@ -2,7 +2,8 @@
 
 What is translated: OSError (connection resets, timeouts, TLS, files), botocore's
 errors (ClientError: the server answered with an error; BotoCoreError: no usable
-answer), aiohttp's client errors and http.client's protocol errors. What is not:
+answer), aiohttp's client errors, http.client's protocol errors and awscrt's
+errors (S3ResponseError: an answer; the rest: sockets, TLS, DNS). What is not:
 everything else, above all TypeError, AttributeError and the like from a bug,
 which must reach the caller as itself rather than as a retriable "store
 unavailable" that a fail-open load would count as a miss.
@@ -18,6 +19,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 from kvstore.errors import (
     KVStoreError,
@@ -35,11 +37,20 @@ _IO_ERRORS = (
     ("botocore.exceptions", ("BotoCoreError", "ClientError")),
     ("aiohttp", ("ClientError",)),
     ("http.client", ("HTTPException",)),
+    ("awscrt.exceptions", ("AwsCrtError",)),
 )
 # botocore errors that mean "our request was malformed" (a bug or a bad option), not an I/O failure.
 _NOT_IO = (("botocore.exceptions", ("ParamValidationError",)),)
 # botocore errors that no retry can fix: the credentials are missing or unusable.
 _NO_CREDENTIALS = (("botocore.exceptions", ("NoCredentialsError", "PartialCredentialsError")),)
+# awscrt's errors for answers it classifies itself (for its retries) and reports without status or body.
+_CRT_ANSWERS = {
+    "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown"),
+    "AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"),
+    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": (403, "RequestTimeTooSkewed"),
+}
+_MAX_ERROR_BODY = 64 << 10
+"""S3 error documents are a few hundred bytes; a longer body is not parsed."""
 _DENIED_CODES = frozenset(
     {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 )
@@ -83,7 +94,14 @@ def http_answer(exc: BaseException) -> HTTPAnswer | None:
     """The server's answer behind ``exc`` (a botocore ClientError or aiohttp response error in its chain)."""
     client_error = _classes((("botocore.exceptions", ("ClientError",)),))
     response_error = _classes((("aiohttp", ("ClientResponseError",)),))
+    crt_response = _classes((("awscrt.s3", ("S3ResponseError",)),))
+    crt_error = _classes((("awscrt.exceptions", ("AwsCrtError",)),))
     for link in _chain(exc):
+        if crt_response and isinstance(link, crt_response) and getattr(link, "status_code", None):
+            return _xml_answer(link.status_code, link.body)  # type: ignore[attr-defined]
+        if crt_error and isinstance(link, crt_error) and getattr(link, "name", None) in _CRT_ANSWERS:
+            crt_status, crt_code = _CRT_ANSWERS[link.name]  # type: ignore[attr-defined]
+            return HTTPAnswer(crt_status, crt_code, getattr(link, "message", None) or None)
         if client_error and isinstance(link, client_error):
             response = getattr(link, "response", None) or {}
             error = response.get("Error") or {}
@@ -94,6 +112,18 @@ def http_answer(exc: BaseException) -> HTTPAnswer | None:
         if response_error and isinstance(link, response_error):
             return HTTPAnswer(getattr(link, "status", None), None, getattr(link, "message", None) or None)
     return None
+
+
+def _xml_answer(status: int | None, body: bytes | None) -> HTTPAnswer:
+    """An S3 error answer from its status and XML body (``<Error><Code>..</Code><Message>..</Message>``)."""
+    code = message = None
+    if body and len(body) <= _MAX_ERROR_BODY:
+        with contextlib.suppress(ElementTree.ParseError):
+            root = ElementTree.fromstring(body)
+            code, message = root.findtext("Code"), root.findtext("Message")
+    if code is None and status is not None:
+        code = str(status)  # a HEAD's error has no body: botocore uses the status as code too
+    return HTTPAnswer(status, code or None, message or None)
 
 
 def translate_error(exc: BaseException, *, url: str, key: str, operation: str | None = None) -> StorageError | None:

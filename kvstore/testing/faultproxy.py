@@ -42,6 +42,8 @@ class ProxyStats:
     requests: int = 0
     forwarded: int = 0
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    heads: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=1000))
+    """The request line and headers of the last 1,000 requests, as sent (what a client put on the wire)."""
 
 
 class FaultProxy:
@@ -134,6 +136,7 @@ class FaultProxy:
                     await writer.drain()
                 body = await _read_body(reader, head, is_response=False, method=b"")
                 self.stats.requests += 1
+                self.stats.heads.append(head)
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 if self.latency:
                     await asyncio.sleep(self.latency)

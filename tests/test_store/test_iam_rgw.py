@@ -14,6 +14,7 @@ deletes key by key.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import uuid
@@ -30,6 +31,7 @@ from kvstore.testing.s3servers import S3Server
 
 pytestmark = [pytest.mark.s3, pytest.mark.rgw]
 
+CRT = importlib.util.find_spec("awscrt") is not None
 ROOT = "kv"
 TOKENS = list(range(40))
 
@@ -103,20 +105,25 @@ def _keys(tenants: Tenants, namespace: str) -> set[str]:
     return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
 
 
-def _open(tenants: Tenants, user: str, namespace: str, **kwargs: Any) -> Any:
-    options = tenants.users[user].storage_options()
+TRANSPORTS = ["botocore", pytest.param("crt", marks=pytest.mark.skipif(not CRT, reason="awscrt is not installed"))]
+
+
+def _open(tenants: Tenants, user: str, namespace: str, transport: str = "botocore", **kwargs: Any) -> Any:
+    options = {**tenants.users[user].storage_options(), "transport": transport}
     return kvstore.open(tenants.url(), storage_options=options, namespace=namespace, chunk_tokens=16, **kwargs)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_tenant_saves_and_loads_its_own_namespace(
+    transport: str,
     tenants: dict[str, Tenants],
     make_spec: Callable[..., Any],
     make_kv: Callable[..., Any],
     assert_kv_equal: Callable[..., None],
 ) -> None:
-    spec = make_spec()
+    spec = make_spec(name=f"own-{transport}")  # the namespace outlives the test: a model of its own
     kv = make_kv(spec, len(TOKENS))
-    async with _open(tenants["listable"], "a", "a") as store:
+    async with _open(tenants["listable"], "a", "a", transport) as store:
         saved = await store.save_prefix(spec, TOKENS, kv)
         hit = await store.load_prefix(spec, TOKENS)
         assert store.stats().read_errors == 0
@@ -124,17 +131,18 @@ async def test_a_tenant_saves_and_loads_its_own_namespace(
     assert_kv_equal(hit.kv, kv)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_another_tenants_namespace_is_refused_at_once(
-    tenants: dict[str, Tenants], make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+    transport: str, tenants: dict[str, Tenants], make_spec: Callable[..., Any], make_kv: Callable[..., Any]
 ) -> None:
     where = tenants["listable"]
-    spec = make_spec(name="b-only")
+    spec = make_spec(name=f"b-only-{transport}")
     async with _open(where, "b", "b") as own:
         await own.save_prefix(spec, TOKENS, make_kv(spec, len(TOKENS)))
     before = _keys(where, "b")
     started = time.monotonic()
     with pytest.raises(StorePermissionError) as caught:
-        await _open(where, "a", "b")
+        await _open(where, "a", "b", transport)
     assert time.monotonic() - started < 5, "a refusal must not be retried"
     assert (caught.value.status, caught.value.code) == (403, "AccessDenied")
     assert _keys(where, "b") == before
