@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
+from _s3servers import add_transport_option  # benchmarks/ is on sys.path when a script of it runs
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
@@ -72,6 +73,7 @@ async def run(args: argparse.Namespace) -> None:
             "secret": "bench",
             "client_kwargs": {"region_name": "us-east-1"},
             "max_concurrency": 1,
+            "transport": args.transport,
         }
         url = "s3://bench/kv"
         nbytes = spec.bytes_per_token * len(tokens)
@@ -183,6 +185,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--serial-chunks", type=int, default=2)
     parser.add_argument("--think", type=float, default=1.0, help="seconds between prefetch and load")
+    add_transport_option(parser)
     asyncio.run(run(parser.parse_args()))
 
 

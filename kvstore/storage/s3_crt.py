@@ -150,6 +150,7 @@ class _Credentials:
     def __init__(self, credentials: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._credentials = credentials
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made in the loop's thread (start_crt)
         self._frozen: Any = None
         self._lock = threading.Lock()
 
@@ -161,7 +162,8 @@ class _Credentials:
 
         with self._lock:
             refresh = getattr(self._credentials, "refresh_needed", None)
-            if self._frozen is None or (refresh is not None and refresh()):
+            due = refresh is not None and refresh() and threading.get_ident() != self._loop_thread
+            if self._frozen is None or due:  # (waiting for the loop on its own thread would never end)
                 future = asyncio.run_coroutine_threadsafe(self._credentials.get_frozen_credentials(), self._loop)
                 self._frozen = future.result(_CREDENTIALS_TIMEOUT_S)
             f = self._frozen

@@ -285,3 +285,26 @@ async def test_cancelling_a_read_returns_at_once(
         assert await backend.get("k") == b"v"
     finally:
         await backend.close()
+
+
+async def test_refreshable_credentials_are_refreshed_through_botocore_when_due() -> None:
+    import datetime
+
+    from aiobotocore.credentials import AioRefreshableCredentials
+
+    from kvstore.storage.s3_crt import _Credentials
+
+    refreshed: list[int] = []
+
+    async def fetch() -> dict[str, str]:
+        refreshed.append(1)
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)  # within the refresh window
+        return {"access_key": f"key-{len(refreshed)}", "secret_key": "s", "token": "t", "expiry_time": soon.isoformat()}
+
+    botocore_credentials = AioRefreshableCredentials.create_from_metadata(await fetch(), fetch, "test")
+    delegate = _Credentials(botocore_credentials, asyncio.get_running_loop())
+    await delegate.freeze()
+    assert delegate().access_key_id == "key-2"  # on the loop's own thread: the frozen copy, no wait
+    from_crt = await asyncio.to_thread(delegate)  # as crt calls it: due, so refreshed on the loop
+    assert from_crt.access_key_id == "key-3"
+    assert from_crt.session_token == "t"
