@@ -10,7 +10,7 @@ is set up.
 
 Opt in with ``storage_options={"transport": "crt"}`` (the ``crt`` extra:
 ``pip install 'kvstore[crt]'``). What is the same as with botocore: one request
-per GET and PUT (``part_size`` above any chunk; no multipart), create-only PUTs
+per GET and PUT (sent as they are: no multipart, no ranged splitting), create-only PUTs
 with ``If-None-Match: *`` (412: the object is there), no flexible checksums,
 no retries below kvstore's RetryPolicy, bodies signed over plain HTTP and
 unsigned over HTTPS (``config_kwargs={"s3": {"payload_signing_enabled": ...}}``
@@ -108,7 +108,7 @@ class _PartsStream(io.RawIOBase):
 
     def __init__(self, parts: Sequence[memoryview], guard: _Guard) -> None:
         self._parts = [memoryview(p).cast("B") for p in parts if len(p)]
-        self._size = sum(len(p) for p in self._parts)
+        self.size = sum(len(p) for p in self._parts)
         self._pos = 0
         self._guard = guard
 
@@ -119,8 +119,8 @@ class _PartsStream(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(0, base + offset), self._size)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = min(max(0, base + offset), self.size)
         return self._pos
 
     def tell(self) -> int:
@@ -230,7 +230,6 @@ class CrtS3ObjectStore(S3ObjectStore):
             connection = crt_io.ClientTlsContext(tls_options).new_connection_options()
             tls = {"tls_mode": s3.S3RequestTlsMode.ENABLED, "tls_connection_options": connection}
         self._s3 = s3
-        self._provider = provider
         self._signing = signing
         self._client = s3.S3Client(
             bootstrap=bootstrap,
@@ -274,7 +273,7 @@ class CrtS3ObjectStore(S3ObjectStore):
         signing = self._signing
         if body is not None:
             stream = _PartsStream(body, guard)
-            all_headers.add("Content-Length", str(stream._size))
+            all_headers.add("Content-Length", str(stream.size))
             if self.crt.sign_bodies:
                 signing = signing.replace(signed_body_value=await in_worker(_sha256_hex, body))
         loop = asyncio.get_running_loop()

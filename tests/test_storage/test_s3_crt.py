@@ -89,21 +89,33 @@ async def test_a_broken_answer_is_store_unavailable_and_a_retry_reads_the_right_
         await resilient.close()
 
 
-async def test_a_stalled_request_times_out_and_is_cancelled(
+async def test_a_stalled_read_ends_at_once_when_timed_out_or_cancelled(
     proxy: FaultProxy, s3_store_url: Any, via_proxy: dict[str, Any]
 ) -> None:
+    backend = await open_object_store(s3_store_url.url, via_proxy)
     policy = RetryPolicy(attempts=1, request_timeout=0.5, breaker_threshold=0)
-    backend = ResilientObjectStore(await open_object_store(s3_store_url.url, via_proxy), policy)
+    resilient = ResilientObjectStore(await open_object_store(s3_store_url.url, via_proxy), policy)
     try:
         await backend.put("k", b"v" * 1000)
         proxy.inject("stall", match="GET ")
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
-            await backend.get("k")
+            await resilient.get("k")  # the policy's timeout
         assert time.monotonic() - started < 5
-        assert await backend.get("k") == b"v" * 1000  # the client still works
+        proxy.inject("stall", match="GET ")
+        task = asyncio.create_task(backend.get("k"))
+        await asyncio.sleep(0.3)
+        task.cancel()  # the caller gives up
+        started = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1
+        assert proxy.stats.faults["stall"] == 2
+        assert await backend.get("k") == b"v" * 1000  # both clients still work
+        assert await resilient.get("k") == b"v" * 1000
     finally:
         await backend.close()
+        await resilient.close()
 
 
 async def test_a_save_and_load_under_random_faults_is_exact_or_a_miss(
@@ -266,25 +278,6 @@ def test_an_s3_error_answer_is_read_from_its_xml() -> None:
     assert "HTTP 503 SlowDown: Reduce your rate" in str(translated)
     headless = S3ResponseError(code=1, name="n", message="m", status_code=404, body=None)
     assert isinstance(translate_error(headless, url="u", key="k"), kvstore.ObjectNotFoundError)
-
-
-async def test_cancelling_a_read_returns_at_once(
-    proxy: FaultProxy, s3_store_url: Any, via_proxy: dict[str, Any]
-) -> None:
-    backend = await open_object_store(s3_store_url.url, via_proxy)
-    try:
-        await backend.put("k", b"v")
-        proxy.inject("stall", match="GET ")
-        task = asyncio.create_task(backend.get("k"))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        started = time.monotonic()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert time.monotonic() - started < 1
-        assert await backend.get("k") == b"v"
-    finally:
-        await backend.close()
 
 
 async def test_refreshable_credentials_are_refreshed_through_botocore_when_due() -> None:
