@@ -36,7 +36,7 @@ import kvstore
 from kvstore.formats.access import AccessRecord, access_prefix, access_record_name
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import key_root, model_id
-from kvstore.formats.layout import ROOT_RECORD, chunk_prefix, data_path, model_record_path, zarr_array_metadata
+from kvstore.formats.layout import ROOT_RECORD, data_path, metadata_path, model_record_path, zarr_array_metadata
 from kvstore.formats.records import ChunkHeader, ModelRecord, RootRecord
 from kvstore.formats.shard import data_object, encode_layers
 from kvstore.gc import GCReport, run_gc
@@ -96,7 +96,8 @@ def _generate(root: Path, chunks: int, chain: int) -> int:
     (root / ROOT_RECORD).write_bytes(RootRecord(ct).to_msgpack())
     (root / model_record_path(mid)).parent.mkdir()
     (root / model_record_path(mid)).write_bytes(ModelRecord(mid, spec).to_msgpack())
-    meta = zarr_array_metadata(spec, ct, "none")
+    (root / metadata_path(mid, ct)).parent.mkdir(parents=True)
+    (root / metadata_path(mid, ct)).write_bytes(zarr_array_metadata(spec, ct, "none"))
     rng = np.random.default_rng(0)
     old = time.time() - 3 * DAY
     layer = memoryview(b"\0\0\0\0")
@@ -108,14 +109,12 @@ def _generate(root: Path, chunks: int, chain: int) -> int:
         parent = root64 if i % chain == 0 else digests[i - 1].tobytes()
         header = ChunkHeader(key, parent, i % chain, mid, ct, 1, "none")
         parts = data_object(header, encode_layers(codec, [(layer, layer)], 2))
-        prefix = root / chunk_prefix(mid, key)
-        prefix.mkdir(parents=True, exist_ok=True)
-        (prefix / "zarr.json").write_bytes(meta)
+        path = root / data_path(mid, key, ct)
+        path.parent.mkdir(parents=True, exist_ok=True)
         data = b"".join(bytes(p) for p in parts)
-        (root / data_path(chunk_prefix(mid, key))).write_bytes(data)
-        for name in ("zarr.json", data_path("")):
-            os.utime(prefix / name, (old, old))
-        return len(meta) + len(data)
+        path.write_bytes(data)
+        os.utime(path, (old, old))
+        return len(data)
 
     with ThreadPoolExecutor(8) as pool:
         total = sum(pool.map(write, range(chunks), chunksize=512))

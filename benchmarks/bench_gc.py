@@ -6,11 +6,11 @@
 
 Objects are written straight in the on-store layout (not through save_prefix,
 which would spend the time encoding tensors), by worker processes: valid root,
-model and retirement records and chains of 8 chunks in format 2 (a zarr.json and
-one data object per chunk, with a valid index and header; the layers are a few
-bytes, which the GC does not read); 10% of the chains end in a partial chunk with
-its tail marker. The mix: two live model versions, one retired; 3% uncommitted
-chunks (a zarr.json and a writer's temporary file), 2% chunks whose parent never
+model and retirement records, each model's array metadata, and chains of 8 chunks
+in format 3 (one data object per chunk, with a valid index and header; the layers
+are a few bytes, which the GC does not read); 10% of the chains end in a partial
+chunk with its tail marker. The mix: two live model versions, one retired; 3%
+chunks a crashed writer left as a temporary file only, 2% chunks whose parent never
 existed (which breaks the rest of their chain). Everything is two hours old, so
 with the default 1 h grace all garbage goes. Generation time is printed apart.
 
@@ -52,8 +52,8 @@ from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import key_root, model_id
 from kvstore.formats.layout import (
     ROOT_RECORD,
-    chunk_prefix,
     data_path,
+    metadata_path,
     model_record_path,
     retirement_record_path,
     tails_prefix,
@@ -84,8 +84,9 @@ def _models(layers: int) -> tuple[tuple[kvstore.ModelSpec, bool, bytes, bytes, b
 def records(layers: int) -> list[tuple[str, bytes]]:
     """The root record, model records and the retirement record."""
     out = [(ROOT_RECORD, RootRecord(CHUNK_TOKENS).to_msgpack())]
-    for spec, retired, mid, _, _ in _models(layers):
+    for spec, retired, mid, _, meta in _models(layers):
         out.append((model_record_path(mid), ModelRecord(mid, spec).to_msgpack()))
+        out.append((metadata_path(mid, CHUNK_TOKENS), meta))  # the full chunks' array (tails' arrays: not written)
         if retired:
             out.append((retirement_record_path(mid), RetirementRecord(mid, "bench@host").to_msgpack()))
     return out
@@ -100,22 +101,21 @@ def _layer_parts(layers: int) -> list[list[Any]]:
 def chain_objects(layers: int, seed: int, chain: int) -> Iterator[tuple[str, bytes]]:
     """The objects of chain number ``chain`` (of model ``chain % 3``), deterministic in ``seed``."""
     rng = random.Random(f"{seed}/{chain}")
-    _, _, mid, root, meta = _models(layers)[chain % MODELS]
+    _, _, mid, root, _ = _models(layers)[chain % MODELS]
     parts = _layer_parts(layers)
     parent = root
     tail = rng.random() < 0.1
     for index in range(CHAIN):
         key = blake3.blake3(parent + rng.randbytes(8)).digest()
-        prefix = chunk_prefix(mid, key)
         kind = rng.random()
         tokens = rng.randrange(1, CHUNK_TOKENS) if tail and index == CHAIN - 1 else CHUNK_TOKENS
-        yield prefix + "zarr.json", meta
+        path = data_path(mid, key, tokens)
         if kind < 0.03:  # a crashed writer: no data object, a temporary file
-            yield data_path(prefix) + ".tmp-0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", b"partial"
+            yield path + ".tmp-0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", b"partial"
         else:
             chain_parent = rng.randbytes(32) if kind < 0.05 else parent  # 2%: the parent never existed
             header = ChunkHeader(key, chain_parent, index, mid, tokens, layers, "none")
-            yield data_path(prefix), b"".join(data_object(header, parts))
+            yield path, b"".join(data_object(header, parts))
             if tokens < CHUNK_TOKENS:
                 yield f"{tails_prefix(mid, chain_parent)}{tokens}", key
         parent = key

@@ -35,7 +35,7 @@ from _s3servers import add_transport_option  # benchmarks/ is on sys.path when a
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.testing.faultproxy import FaultProxy
 from kvstore.testing.s3servers import start_s3_server
 
@@ -134,7 +134,7 @@ async def run(args: argparse.Namespace) -> None:
 
         mid = model_id(spec)
         keys = [
-            "kv/" + data_path(chunk_prefix(mid, k.digest))
+            "kv/" + data_path(mid, k.digest, k.num_tokens)
             for k in chunk_keys(spec, normalize_tokens(tokens), args.chunk_tokens)
         ]
         session = aioboto3.Session(**creds)

@@ -94,7 +94,7 @@ def test_one(data: bytes) -> None:
             assert head.data_start <= span.offset
             assert span.nbytes > CRC_BYTES
             assert span.end <= size
-        codec = check_chunk_head(head, _SPEC, _MID, _KEY)
+        codec = check_chunk_head(head, _SPEC, _MID, _KEY, head.header.codec)
         if size != len(payload):
             return
         out = np.zeros(_RAW, np.uint8)

@@ -21,7 +21,7 @@ import torch
 
 from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreUnavailableError
 from kvstore.fetching import SharedReads
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.gpu.staging import Stagings
 from kvstore.reading import ChunkReader, Hit, LayerBytes
 from kvstore.requests import Counters
@@ -330,7 +330,7 @@ async def _load_chunk(
     split: bool,
 ) -> None:
     """Chunk ``j`` of a load: damage ends the hit before it; any other failure fails the whole load."""
-    path = data_path(chunk_prefix(mid, hit.key.digest))
+    path = data_path(mid, hit.key.digest, hit.key.num_tokens)
     flat = [b for pair in dest for b in pair]
     try:
         if j >= state.first_bad:

@@ -102,7 +102,7 @@ def open(  # noqa: A001 - the public name the API promises
     *,
     storage_options: dict[str, Any] | None = None,
     chunk_tokens: int | None = None,
-    codec: str = DEFAULT_CODEC,
+    codec: str | None = None,
     max_concurrency: int = 32,
     verify: bool = True,
     save_tail: bool = True,
@@ -123,8 +123,9 @@ def open(  # noqa: A001 - the public name the API promises
     """Open the store at ``url``: a path, ``file://``, ``memory://``, ``s3://``, ...
 
     A store that does not exist yet is created unless ``create`` is false.
-    ``chunk_tokens`` is recorded when the store is created; None accepts the
-    store's value (256 for a new store), and a different value is an error.
+    ``chunk_tokens`` and ``codec`` are recorded when the store is created; None
+    accepts the store's value (256 tokens and ``"none"`` for a new store), and a
+    different value is an error.
     ``retry`` sets retries, per-request timeouts and the circuit breaker around
     every request (None: each request is tried once, without a timeout).
     ``namespace`` opens the tenant store ``<url>/namespaces/<namespace>``: a
@@ -170,7 +171,13 @@ def open(  # noqa: A001 - the public name the API promises
         "record_access": record_access,
         "access_flush_interval": access_flush_interval,
     }
-    StoreOptions(**{**overrides, "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens})
+    StoreOptions(
+        **{
+            **overrides,
+            "chunk_tokens": DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+            "codec": DEFAULT_CODEC if codec is None else codec,
+        }
+    )
     return _Opening(url, storage_options, overrides, create, retry, tiers)
 
 
@@ -210,14 +217,16 @@ async def _open_store(
                 source = source_identity(backend.url, storage_options)
                 disk = await DiskTier.open(tiers.cache_dir, source, tiers.disk_bytes)
             backend = TieredObjectStore(backend, cacheable=is_cacheable, memory_budget=tiers.memory_bytes, disk=disk)
-        root = await _read_or_create_root(backend, overrides["chunk_tokens"], create)
+        root = await _read_or_create_root(backend, overrides["chunk_tokens"], overrides["codec"], create)
     except BaseException:
         await backend.close()
         raise
-    return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens}))
+    return KVStore(backend, StoreOptions(**{**overrides, "chunk_tokens": root.chunk_tokens, "codec": root.codec}))
 
 
-async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, create: bool) -> RootRecord:
+async def _read_or_create_root(
+    backend: ObjectStore, chunk_tokens: int | None, codec: str | None, create: bool
+) -> RootRecord:
     try:
         root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))
     except ObjectNotFoundError:
@@ -225,7 +234,9 @@ async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, c
             raise StoreConfigError(
                 f"{backend.url}: no kvstore store here (open with create=True to make one)"
             ) from None
-        created = RootRecord(DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens)
+        created = RootRecord(
+            DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens, DEFAULT_CODEC if codec is None else codec
+        )
         if await backend.put(ROOT_RECORD, created.to_msgpack(), create_only=True):
             return created
         root = RootRecord.from_msgpack(await backend.get(ROOT_RECORD))  # another process created it first
@@ -235,4 +246,6 @@ async def _read_or_create_root(backend: ObjectStore, chunk_tokens: int | None, c
         raise StoreConfigError(
             f"{backend.url} was created with chunk_tokens={root.chunk_tokens}; cannot open it with {chunk_tokens}"
         )
+    if codec is not None and codec != root.codec:
+        raise StoreConfigError(f"{backend.url} was created with codec={root.codec!r}; cannot open it with {codec!r}")
     return root

@@ -22,7 +22,7 @@ from kvstore.access import AccessRecorder
 from kvstore.errors import FormatVersionError, IntegrityError, StoreUnavailableError
 from kvstore.formats.codecs import Codec, get_codec
 from kvstore.formats.keys import ChunkKey, chunk_keys, next_key
-from kvstore.formats.layout import chunk_prefix, data_path, parse_tail_marker, tails_prefix
+from kvstore.formats.layout import data_path, parse_tail_marker, tails_prefix
 from kvstore.formats.shard import (
     CRC_BYTES,
     ShardHead,
@@ -57,7 +57,7 @@ class Hit:
     """None: not HEADed (a probed chain): only a whole read that needs no size may read it."""
 
 
-def check_chunk_head(head: ShardHead, spec: ModelSpec, mid: bytes, key: ChunkKey) -> Codec:
+def check_chunk_head(head: ShardHead, spec: ModelSpec, mid: bytes, key: ChunkKey, store_codec: str) -> Codec:
     """The codec of a data object whose header names exactly this chunk; IntegrityError otherwise.
 
     A codec this version does not know raises FormatVersionError (a newer writer, not damage).
@@ -67,12 +67,17 @@ def check_chunk_head(head: ShardHead, spec: ModelSpec, mid: bytes, key: ChunkKey
         raise IntegrityError("data object belongs to another chunk")
     if h.model_id != mid or h.num_tokens != key.num_tokens:
         raise IntegrityError("data object does not match the model or the chunk's token count")
-    return chunk_codec(head, spec)
+    return chunk_codec(head, spec, store_codec)
 
 
-def chunk_codec(head: ShardHead, spec: ModelSpec) -> Codec:
-    """The codec a data object's header names, checked against the layer sizes it implies."""
+def chunk_codec(head: ShardHead, spec: ModelSpec, store_codec: str) -> Codec:
+    """The codec a data object's header names, checked against the store's and the layer sizes it implies.
+
+    Every chunk of a store has the store's codec: the one its array's ``zarr.json`` names.
+    """
     codec = get_codec(head.header.codec, stored=True)
+    if codec.name != store_codec:
+        raise IntegrityError(f"the chunk's codec {codec.name!r} is not the store's {store_codec!r}")
     raw = 2 * head.header.num_tokens * spec.row_bytes + CRC_BYTES
     if codec.name == "none" and any(s.nbytes != raw for s in head.spans):
         raise IntegrityError("an uncompressed layer has the wrong size")
@@ -92,10 +97,18 @@ class ChunkReader:
     """Finds, reads and verifies chunks for one store; counts through its ``Requests``."""
 
     def __init__(
-        self, requests: Requests, chunk_tokens: int, *, verify: bool, repair: bool, access: AccessRecorder | None = None
+        self,
+        requests: Requests,
+        chunk_tokens: int,
+        codec: str,
+        *,
+        verify: bool,
+        repair: bool,
+        access: AccessRecorder | None = None,
     ) -> None:
         self.requests = requests
         self.chunk_tokens = chunk_tokens
+        self.codec = codec
         self.verify = verify
         self.repair = repair
         self.access = access
@@ -111,11 +124,11 @@ class ChunkReader:
         """
 
         async def size_of(key: ChunkKey) -> int | None:
-            meta = await self.requests.head(data_path(chunk_prefix(mid, key.digest)))
+            meta = await self.requests.head(data_path(mid, key.digest, key.num_tokens))
             return None if meta is None else meta.size
 
         keys = chunk_keys(spec, tokens, self.chunk_tokens, include_tail=True)
-        paths = [data_path(chunk_prefix(mid, k.digest)) for k in keys]
+        paths = [data_path(mid, k.digest, k.num_tokens) for k in keys]
         # A store that reads into buffers needs every size (it plans each read from it): HEAD all.
         end, seen = await self.requests.find_first_missing(paths, probe=probe and not self.requests.reads_into_buffers)
         hits = [Hit(key, None if (m := seen.get(i)) is None else m.size) for i, key in enumerate(keys[:end])]
@@ -163,7 +176,7 @@ class ChunkReader:
         dropped and read again from the source first, so only the source's own
         damage is reported.
         """
-        path = data_path(chunk_prefix(mid, hit.key.digest))
+        path = data_path(mid, hit.key.digest, hit.key.num_tokens)
         try:
             return await self._read(spec, mid, hit, path, dest, split, progress, before_rest)
         except IntegrityError:
@@ -197,7 +210,9 @@ class ChunkReader:
 
             def plan(head_data: bytes) -> tuple[int, list[memoryview]]:  # in the reading thread
                 head = parse_head(head_data, nl, size)
-                start, buffers, finish = self._plan(head, check_chunk_head(head, spec, mid, hit.key), dest, *groups[0])
+                start, buffers, finish = self._plan(
+                    head, check_chunk_head(head, spec, mid, hit.key, self.codec), dest, *groups[0]
+                )
                 found.append((head, finish))
                 return start, buffers
 
@@ -208,7 +223,9 @@ class ChunkReader:
             for a, b in groups[1:]:
                 if before_rest is not None:
                     await before_rest()
-                start, buffers, finish = self._plan(head, check_chunk_head(head, spec, mid, hit.key), dest, a, b)
+                start, buffers, finish = self._plan(
+                    head, check_chunk_head(head, spec, mid, hit.key, self.codec), dest, a, b
+                )
                 got += await req.get_range_into(path, start, buffers, then=finish, priority=1)
                 progress(b, got)
             return got
@@ -216,7 +233,7 @@ class ChunkReader:
             whole = memoryview(await req.get(path))
             progress(0, len(whole))
             head = parse_head(whole, nl, len(whole))
-            codec = check_chunk_head(head, spec, mid, hit.key)
+            codec = check_chunk_head(head, spec, mid, hit.key, self.codec)
             await in_worker(self._decode, codec, whole, 0, head, dest, 0, nl)
             progress(nl, len(whole))
             return len(whole)
@@ -230,7 +247,7 @@ class ChunkReader:
         # Not HEADed (probed): a first range that stopped short found the object's end; else its index tells.
         known = hit.size if hit.size is not None else (len(first) if len(first) < first_end else None)
         head = parse_head(first, nl, known)
-        codec = check_chunk_head(head, spec, mid, hit.key)
+        codec = check_chunk_head(head, spec, mid, hit.key, self.codec)
         ready = 0
         while ready < nl and head.spans[ready].end <= len(first):
             ready += 1
@@ -313,6 +330,6 @@ class ChunkReader:
         if not self.repair:
             return
         try:
-            await self.requests.delete([data_path(chunk_prefix(mid, key.digest))])
+            await self.requests.delete([data_path(mid, key.digest, key.num_tokens)])
         except StoreUnavailableError as err:
             logger.warning("could not retire damaged chunk %s: %s", key.hex, err)

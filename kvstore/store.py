@@ -7,6 +7,7 @@ threads so the event loop never stalls on it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -21,10 +22,8 @@ from kvstore._tasks import run_all
 from kvstore._workers import in_worker
 from kvstore.access import DEFAULT_FLUSH_INTERVAL, AccessRecorder
 from kvstore.errors import (
-    IntegrityError,
     InvalidInputError,
     ModelRetiredError,
-    ObjectNotFoundError,
     StoreUnavailableError,
 )
 from kvstore.fetching import SharedReads
@@ -33,16 +32,15 @@ from kvstore.formats.dtypes import dtype_info
 from kvstore.formats.keys import ChunkKey, TokenInput, chunk_keys, model_id, normalize_tokens
 from kvstore.formats.layout import (
     MODELS_DIR,
-    ZARR_JSON,
-    chunk_prefix,
     data_path,
+    metadata_path,
     model_record_path,
     retirement_record_path,
-    tails_prefix,
+    tail_marker_path,
     zarr_array_metadata,
 )
 from kvstore.formats.records import ChunkHeader, ModelRecord
-from kvstore.formats.shard import data_object, encode_layers, head_bytes, parse_head
+from kvstore.formats.shard import data_object, encode_layers
 from kvstore.gpu.staging import DEFAULT_PINNED_POOL_BYTES, Stagings
 from kvstore.loading import LayerStream, LoadServices
 from kvstore.prefetch import PrefetchBuffer, PrefetchHandle, prefetch_key
@@ -147,9 +145,16 @@ class KVStore:
             else None
         )
         self._reader = ChunkReader(
-            self._requests, options.chunk_tokens, verify=options.verify, repair=options.repair, access=self._access
+            self._requests,
+            options.chunk_tokens,
+            options.codec,
+            verify=options.verify,
+            repair=options.repair,
+            access=self._access,
         )
         self._known_models: set[bytes] = set()
+        self._known_arrays: set[tuple[bytes, int]] = set()
+        self._arrays_lock = asyncio.Lock()
         self._live_checked: dict[bytes, float] = {}  # model id -> monotonic time of the last retirement check
         self._prefetches = PrefetchBuffer(options.prefetch_budget)
         self._writeback = WriteBack(options.writeback_budget)
@@ -300,11 +305,14 @@ class KVStore:
         # (probing) are created, or rewritten when they turn out to be there.
         missing = keys[first_gap:]
         written: list[tuple[int, int]] = []
+        arrays: list[int] = []
         if missing:
             base = missing[0].start  # copy only what is written, not the prefix already stored
             async with self._stagings.for_kv(kv).transfers() as transfers:
                 host = await transfers.to_host(kv, base)
                 views = [(byte_view(k), byte_view(v)) for k, v in host]  # once per save, sliced per chunk
+                lengths = sorted({k.num_tokens for k in missing})
+                arrays = await run_all(self._ensure_array(spec, mid, n) for n in lengths)
                 written = await run_all(
                     self._write_chunk(spec, mid, key, views, base, present=_presence(seen, first_gap + i))
                     for i, key in enumerate(missing)
@@ -312,7 +320,7 @@ class KVStore:
         if self._access is not None:  # a save is a use of every chunk of its prefix, written or deduplicated
             self._access.record(mid, (k.digest for k in keys))
         nwritten = sum(1 for _, n in written if n)  # a concurrent writer may have created some first
-        nbytes = sum(b for b, _ in written)
+        nbytes = sum(b for b, _ in written) + sum(arrays)
         c = self._counters
         c.chunks_written += nwritten
         c.chunks_skipped += len(keys) - nwritten
@@ -322,12 +330,12 @@ class KVStore:
             chunks_written=nwritten,
             chunks_skipped=len(keys) - nwritten,
             bytes_written=nbytes,
-            objects_written=sum(n for _, n in written),
+            objects_written=sum(n for _, n in written) + sum(1 for b in arrays if b),
         )
 
     @staticmethod
     def _data_key(mid: bytes, key: ChunkKey) -> str:
-        return data_path(chunk_prefix(mid, key.digest))
+        return data_path(mid, key.digest, key.num_tokens)
 
     async def _ensure_model_record(self, spec: ModelSpec, mid: bytes) -> None:
         await self._check_live(spec, mid)
@@ -335,6 +343,24 @@ class KVStore:
             return
         await self._requests.put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)
         self._known_models.add(mid)
+
+    async def _ensure_array(self, spec: ModelSpec, mid: bytes, num_tokens: int) -> int:
+        """Write the ``zarr.json`` of the model's array of ``num_tokens``-token chunks; return its bytes if written.
+
+        Once per open store and array, before its first data object (so a
+        committed chunk always has metadata); create-only, since the store's one
+        codec makes every writer's metadata the same.
+        """
+        array = (mid, num_tokens)
+        if array in self._known_arrays:
+            return 0
+        async with self._arrays_lock:
+            if array in self._known_arrays:
+                return 0
+            meta = zarr_array_metadata(spec, num_tokens, self._codec.name)
+            created = await self._requests.put(metadata_path(mid, num_tokens), meta, create_only=True)
+            self._known_arrays.add(array)
+            return len(meta) if created else 0
 
     async def _check_live(self, spec: ModelSpec, mid: bytes) -> None:
         """Refuse saves under a retired model; a positive check is trusted for LIVE_CHECK_TTL seconds."""
@@ -355,15 +381,14 @@ class KVStore:
         *,
         present: bool | None,
     ) -> tuple[int, int]:
-        """Write a chunk's zarr.json, then its data object (the commit point); return (bytes, objects).
+        """Write a chunk's data object, the commit point; return (bytes, objects).
 
         The data object is written create-only, so of concurrent writers of one
         chunk the first wins and the others skip it. A chunk ``present`` after a
         gap in its chain is overwritten instead, which renews its mtime; one not
         HEADed (None) is created, and overwritten if it turns out to be there.
         """
-        prefix = chunk_prefix(mid, key.digest)
-        path = data_path(prefix)
+        path = self._data_key(mid, key)
         row = spec.row_bytes
         lo, hi = (key.start - base) * row, (key.end - base) * row  # views start at token `base`
         layers = [(k[lo:hi].data, v[lo:hi].data) for k, v in views]
@@ -383,39 +408,16 @@ class KVStore:
                 return await self._requests.put(path, data, create_only=create_only)
             return await self._requests.put_parts(path, data, create_only=create_only)
 
-        meta = zarr_array_metadata(spec, key.num_tokens, self._codec.name)
-        await self._requests.put(prefix + ZARR_JSON, meta)
         created = await put(create_only=present is not True)
         if not created and present is None:  # there after the gap: renew its mtime
             created = await put(create_only=False)
-        if not created:  # another writer committed it first, perhaps with another codec
-            await self._match_winner_metadata(spec, prefix, meta)
-            return len(meta), 0
-        size = len(data) if isinstance(data, bytes) else sum(len(p) for p in data)
-        nbytes, nobjects = len(meta) + size, 2
+        if not created:  # another writer committed it first
+            return 0, 0
+        nbytes, nobjects = (len(data) if isinstance(data, bytes) else sum(len(p) for p in data)), 1
         if key.num_tokens < self.options.chunk_tokens:  # a tail: let longer queries find it
-            await self._requests.put(f"{tails_prefix(mid, key.parent)}{key.num_tokens}", key.digest)
+            await self._requests.put(tail_marker_path(mid, key.parent, key.num_tokens), key.digest)
             nbytes, nobjects = nbytes + len(key.digest), nobjects + 1
         return nbytes, nobjects
-
-    async def _match_winner_metadata(self, spec: ModelSpec, prefix: str, ours: bytes) -> None:
-        """Make ``zarr.json`` name the codec of the data object that won the create-only race.
-
-        Writers PUT ``zarr.json`` before their data object, so a loser's may have
-        landed after the winner's: if the winner's header names another codec,
-        write the winner's metadata again (stock zarr decodes by ``zarr.json``).
-        A damaged winner is left to readers and ``verify``.
-        """
-        try:
-            head = parse_head(
-                await self._requests.get_range(data_path(prefix), 0, head_bytes(spec.num_layers)), spec.num_layers, None
-            )
-        except (IntegrityError, ObjectNotFoundError):
-            return
-        if head.header.codec != self._codec.name:
-            winner = zarr_array_metadata(spec, head.header.num_tokens, head.header.codec)
-            if winner != ours:
-                await self._requests.put(prefix + ZARR_JSON, winner)
 
     # ------------------------------------------------------------------ load
 

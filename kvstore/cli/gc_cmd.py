@@ -167,7 +167,7 @@ def gc_command(
     """Mark and sweep: delete chunks no live model version can reach.
 
     Garbage is everything under chunks/ of retired (or unknown) model versions,
-    objects of uncommitted chunks, chunks whose chain is broken, stale tail
+    damaged data objects, chunks whose chain is broken, stale tail
     markers and temporary files. Only objects older than --grace are deleted, so
     writers that are saving right now never lose a chunk; it must exceed the 60 s
     retirement-check interval unless --allow-short-grace.

@@ -117,7 +117,7 @@ def stats_command(ctx: click.Context, url: str, storage_option: tuple[str, ...],
 @click.command("verify")
 @store_arguments
 @click.option("--model", "models", multiple=True, metavar="NAME@VERSION", help="Only this model version (repeatable).")
-@click.option("--repair", is_flag=True, help="Delete damaged chunks (refetched as misses); rewrite missing zarr.json.")
+@click.option("--repair", is_flag=True, help="Delete damaged chunks (refetched as misses); rewrite bad zarr.json.")
 @click.option("--concurrency", default=16, show_default=True, type=click.IntRange(min=1), help="Chunks in flight.")
 @click.pass_context
 def verify_command(
@@ -131,10 +131,11 @@ def verify_command(
 ) -> None:
     """Re-read every chunk's data object; check its index, header, sizes and checksums.
 
-    A missing or unreadable zarr.json is reported apart (stock zarr cannot read
-    that chunk; kvstore can) and rewritten with --repair; one that differs from
-    what this version writes is left alone. Exit code 3 when damaged chunks were
-    found and not repaired.
+    Each array's zarr.json (one per model and chunk length) is checked once: a
+    missing or unreadable one, or one that decodes otherwise (shape, data type,
+    codec chain), is reported apart (stock zarr cannot read that array's chunks;
+    kvstore can) and rewritten with --repair. Exit code 3 when damaged chunks
+    were found and not repaired.
     """
     from kvstore.gc import VerifyReport, verify_store
     from kvstore.storage import open_object_store
@@ -170,6 +171,6 @@ def verify_command(
         )
         if report.metadata_problems:
             fixed = f", {report.metadata_rewritten:,} rewritten (--repair)" if repair else ""
-            console.print(f"{report.metadata_problems:,} chunks with a missing or unreadable zarr.json{fixed}")
+            console.print(f"{report.metadata_problems:,} arrays with a missing or wrong zarr.json{fixed}")
     if report.damaged and not repair:
         ctx.exit(EXIT_DAMAGED)

@@ -7,7 +7,7 @@ of the previous version could not understand.
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the on-store format written by this library."""
 
 __all__ = ["FORMAT_VERSION"]

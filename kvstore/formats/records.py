@@ -17,6 +17,7 @@ import msgpack
 
 from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError
 from kvstore.formats import FORMAT_VERSION
+from kvstore.formats.codecs import DEFAULT_CODEC, get_codec
 from kvstore.formats.dtypes import dtype_info_by_name
 from kvstore.formats.keys import model_id as derive_model_id
 from kvstore.spec import MAX_DIM, MAX_LAYERS, ModelSpec
@@ -91,14 +92,25 @@ def _pack(obj: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class RootRecord:
-    """Store-wide settings, written once when a store is created."""
+    """Store-wide settings, written once when a store is created.
+
+    ``codec`` is every chunk's: a model's chunks of one length share one zarr
+    array, whose ``zarr.json`` names one codec chain.
+    """
 
     chunk_tokens: int
+    codec: str = DEFAULT_CODEC
     created: float = field(default_factory=time.time)
 
     def to_msgpack(self) -> bytes:
         return _pack(
-            {"format": FORMAT_VERSION, "magic": STORE_MAGIC, "chunk_tokens": self.chunk_tokens, "created": self.created}
+            {
+                "format": FORMAT_VERSION,
+                "magic": STORE_MAGIC,
+                "chunk_tokens": self.chunk_tokens,
+                "codec": self.codec,
+                "created": self.created,
+            }
         )
 
     @classmethod
@@ -113,8 +125,11 @@ class RootRecord:
             ) from exc
         if obj.get("magic") != STORE_MAGIC:
             raise IntegrityError("root record does not identify a kvstore store")
+        codec = _get(obj, "codec", str, "root")
+        get_codec(codec, stored=True)  # a codec this kvstore does not know: a newer format
         return cls(
             chunk_tokens=_get_int(obj, "chunk_tokens", "root", 1, 1 << 24),
+            codec=codec,
             created=_get_number(obj, "created", "root"),
         )
 

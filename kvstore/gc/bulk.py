@@ -1,11 +1,10 @@
 """Bulk listing and deletion for store maintenance: aioboto3 on S3, the ObjectStore elsewhere.
 
 Listings of a whole bucket fan out: ``plan_partitions`` walks the first levels of
-the key tree with one-level (delimiter) listings and splits what lies below into
-partitions that can be listed at the same time (for ``chunks/``, one per model
-and fan-out prefix ``chunks/<mid>/<aa>/``). Every object is in exactly one
-partition, and a partition lists its objects in key order, so a chunk's objects
-still arrive together.
+``chunks/`` with one-level (delimiter) listings and splits what lies below into
+partitions that can be listed at the same time: one per model, and for a big
+model one per key prefix ``chunks/<mid>/<n>/c/0/0/0/0/0/<k0>/`` of its big arrays
+and per ``chunks/<mid>/tails/<aa>/``. Every object is in exactly one partition.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 
 from kvstore._tasks import run_all, task_group
 from kvstore.errors import KVStoreError
+from kvstore.formats.layout import TAILS_DIR, ZARR_JSON, array_prefix, data_path, key_coords, parse_chunk_object
 from kvstore.storage import LocalObjectStore, ObjectMeta, ObjectStore
 from kvstore.storage.base import translate_errors
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
@@ -42,9 +42,17 @@ SPLIT_MIN = 256
 """A prefix is split into its sub-prefixes when a sampled sub-prefix holds at least this many objects.
 
 Each partition costs at least one request: below about a quarter of a page per
-fan-out prefix (a model of ~64k objects), listing the model in one stream of
-full pages is cheaper than 256 small listings, however parallel.
+sub-prefix (an array of ~64k chunks), listing it in one stream of full pages is
+cheaper than 256 small listings, however parallel.
 """
+
+MODEL_SPLIT_FACTOR = 16
+"""A model's arrays and tail markers are sampled only from ``MODEL_SPLIT_FACTOR * split_min`` objects on:
+a small model is listed whole, without requests per array of it."""
+
+_M, _K = bytes(16), bytes(32)
+_SHARD_CHAIN = tuple(data_path(_M, _K, 1)[len(array_prefix(_M, 1)) :].split("/")[: -len(key_coords(_K))])
+"""The levels between an array's prefix and its key fan-out ``<k0>/``: ``c/0/0/0/0/0/``."""
 
 
 class BulkOps(Protocol):
@@ -75,64 +83,116 @@ class Partition:
     prefix: str
     deep: bool = True
 
+    @property
+    def name(self) -> str:
+        """Unique in a plan (a checkpoint records finished partitions by it): a shallow one's ends in ``*``."""
+        return self.prefix if self.deep else f"{self.prefix}*"
 
-async def plan_partitions(bulk: BulkOps, prefix: str, *, depth: int = 2, done: Collection[str] = ()) -> list[Partition]:
-    """Split the listing under ``prefix`` into partitions down to ``depth`` levels, sorted by prefix.
 
-    Below the first level a prefix is split only when it is big (one of its
-    first, middle and last sub-prefixes holds ``bulk.split_min`` objects or
-    more; always when ``split_min`` is 0) or when ``done`` (the
-    partitions a resumed run has finished) holds partitions under it; so for
-    ``chunks/``: one partition per small model, one per fan-out prefix
-    ``chunks/<mid>/<aa>/`` of a big one. Loose objects at the levels walked
-    (keys that do not follow the layout) form shallow partitions of their own,
-    so the partitions cover exactly what one listing of ``prefix`` returns.
+async def plan_partitions(bulk: BulkOps, prefix: str, *, done: Collection[str] = ()) -> list[Partition]:
+    """Split the listing of a store's ``chunks/`` (``prefix``) into partitions, sorted by prefix.
+
+    One partition per small model ``chunks/<mid>/``. A model of ``MODEL_SPLIT_FACTOR * bulk.split_min``
+    objects or more is looked into: each of its arrays ``<n>/`` that is big (one of its first, middle and
+    last key prefixes ``c/0/0/0/0/0/<k0>/`` holds ``bulk.split_min`` objects or more; always when
+    ``split_min`` is 0) becomes one partition per key prefix, its ``tails/`` likewise one per ``<aa>/``,
+    and every other sub-prefix one partition. A prefix is also split when ``done`` (the names of the
+    partitions a resumed run has finished) holds partitions under it, so a resumed run plans them again.
+    Objects directly in a level walked (``zarr.json``, keys that do not follow the layout) form shallow
+    partitions, and sub-prefixes off the layout deep ones, so the partitions cover exactly what one listing
+    of ``prefix`` returns. Every object under ``chunks/`` is classified alone: any partitioning will do.
     """
     if bulk.fan_out <= 1:
         return [Partition(prefix)]
-    out: list[Partition] = []
-    limit = asyncio.Semaphore(bulk.fan_out)
+    planner = _Planner(bulk, done)
+    await planner.level_of_models(prefix)
+    return sorted(planner.out, key=lambda p: (p.prefix, p.deep))
 
-    async def level_of(p: str) -> tuple[list[str], list[ObjectMeta]]:
-        async with limit:
-            return await bulk.list_level(p)
 
-    async def split(p: str) -> tuple[str, tuple[list[str], list[ObjectMeta]] | None]:
-        """``p`` and its level listing when it is to be split, else None."""
-        if p in done:
-            return p, None
-        found = await level_of(p)
-        subs = found[0]
-        if bulk.split_min <= 0 or any(d.startswith(p) and d != p for d in done):
-            return p, found
+class _Planner:
+    """The walk of ``plan_partitions``: level listings ``bulk.fan_out`` at a time, partitions into ``out``."""
+
+    def __init__(self, bulk: BulkOps, done: Collection[str]) -> None:
+        self.bulk, self.done = bulk, frozenset(done)
+        self.limit = asyncio.Semaphore(bulk.fan_out)
+        self.out: list[Partition] = []
+
+    async def level(self, p: str) -> tuple[list[str], list[ObjectMeta]]:
+        async with self.limit:
+            return await self.bulk.list_level(p)
+
+    async def holds(self, p: str, n: int) -> bool:
+        """Whether ``p`` holds ``n`` objects or more (listing no further than that)."""
+        if n <= 0:
+            return True
+        async with self.limit:
+            count = 0
+            async for _ in self.bulk.list_objects(p):
+                count += 1
+                if count >= n:
+                    return True
+        return False
+
+    def forced(self, p: str) -> bool:
+        """A finished partition lies under ``p``: split it as the interrupted run did."""
+        return any(d.startswith(p) and d != p for d in self.done)
+
+    def add(self, p: str, objects: list[ObjectMeta]) -> None:
+        """A shallow partition for the objects directly in ``p``, if any."""
+        if objects:
+            self.out.append(Partition(p, deep=False))
+
+    async def level_of_models(self, prefix: str) -> None:
+        subs, objects = await self.level(prefix)
+        self.add(prefix, objects)
+        await run_all(self.model(m) for m in subs)
+
+    async def model(self, m: str) -> None:
+        big = m not in self.done and (self.forced(m) or await self.holds(m, MODEL_SPLIT_FACTOR * self.bulk.split_min))
+        if not big:
+            self.out.append(Partition(m))
+            return
+        subs, objects = await self.level(m)
+        self.add(m, objects)
+        await run_all(self.model_part(s, s[len(m) : -1]) for s in subs)
+
+    async def model_part(self, p: str, name: str) -> None:
+        if name == TAILS_DIR:
+            await self.split(p, ())
+        elif parse_chunk_object(f"{p}{ZARR_JSON}") is not None:  # an array: chunks/<mid>/<n>/
+            await self.split(p, _SHARD_CHAIN)
+        else:
+            self.out.append(Partition(p))
+
+    async def split(self, p: str, chain: tuple[str, ...]) -> None:
+        """``p`` whole, or (when big) one partition per sub-prefix of ``p`` + ``chain``, plus what lies beside."""
+        if p in self.done:
+            self.out.append(Partition(p))
+            return
+        fan = p + "".join(f"{c}/" for c in chain)
+        subs, objects = await self.level(fan)
+        if not self.forced(p) and not await self.sampled_big(subs):
+            self.out.append(Partition(p))
+            return
+        q = p
+        for c in chain:
+            q_subs, q_objects = await self.level(q)
+            self.add(q, q_objects)
+            self.out.extend(Partition(s) for s in q_subs if s != f"{q}{c}/")
+            q = f"{q}{c}/"
+        self.add(fan, objects)
+        self.out.extend(Partition(s) for s in subs)
+
+    async def sampled_big(self, subs: list[str]) -> bool:
+        if self.bulk.split_min <= 0:
+            return True
         # Up to three samples: on a local directory a deleted chunk leaves empty directories behind.
-        for sample in dict.fromkeys([subs[0], subs[len(subs) // 2], subs[-1]] if subs else []):
-            async with limit:
-                n = 0
-                async for _ in bulk.list_objects(sample):
-                    n += 1
-                    if n >= bulk.split_min:
-                        return p, found
-        return p, None
-
-    levels = [(prefix, await level_of(prefix))]
-    for d in range(depth):
-        nxt: list[str] = []
-        for p, (subs, objects) in levels:
-            if objects:
-                out.append(Partition(p, deep=False))
-            nxt.extend(subs)
-        if d + 1 == depth:
-            out.extend(Partition(p) for p in nxt)
-            break
-        decided = await run_all(split(p) for p in nxt)
-        out.extend(Partition(p) for p, found in decided if found is None)
-        levels = [(p, found) for p, found in decided if found is not None]
-    return sorted(out, key=lambda p: p.prefix)
+        samples = dict.fromkeys([subs[0], subs[len(subs) // 2], subs[-1]] if subs else [])
+        return any(await run_all(self.holds(s, self.bulk.split_min) for s in samples))
 
 
 async def list_partition(bulk: BulkOps, part: Partition) -> AsyncIterator[ObjectMeta]:
-    """The objects of one partition, in key order within each chunk."""
+    """The objects of one partition."""
     if part.deep:
         async for meta in bulk.list_objects(part.prefix):
             yield meta
@@ -200,8 +260,9 @@ class StoreBulkOps:
 class LocalBulkOps(StoreBulkOps):
     """A local directory: the tree is walked in worker threads, thousands of entries per hop to the loop.
 
-    (The ObjectStore's own listing hops once per directory; a chunk has about
-    seven directories, which made listing the GC's bottleneck on local stores.)
+    (The ObjectStore's own listing hops once per directory, and directories
+    outnumber data objects in sparse key prefixes: that made listing the GC's
+    bottleneck on local stores.)
     """
 
     def __init__(

@@ -28,8 +28,11 @@ from kvstore.gc.tally import Tally
 
 __all__ = ["STATE_VERSION", "Checkpoint", "MarkedPartition", "encode_mark"]
 
-STATE_VERSION = 1
-"""Version of the checkpoint's content; a file of another version is not resumed."""
+STATE_VERSION = 2
+"""Version of the checkpoint's content; a file of another version is not resumed.
+
+2: partitions of format version 3's layout (``kvstore.gc.bulk.Partition.name``).
+"""
 
 _KIND = "kvstore-gc-checkpoint"
 _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
@@ -39,7 +42,8 @@ _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
 class MarkedPartition:
     """One finished mark partition: objects listed, headers read, models found protected, header columns."""
 
-    prefix: str
+    name: str
+    """The partition's ``kvstore.gc.bulk.Partition.name``."""
     listed: int
     read: int
     protected: dict[str, str]
@@ -56,7 +60,7 @@ def encode_mark(part: MarkedPartition) -> bytes:
     return _frame(
         {
             "t": "mark",
-            "p": part.prefix,
+            "p": part.name,
             "listed": part.listed,
             "read": part.read,
             "protected": part.protected,
@@ -137,9 +141,9 @@ class Checkpoint:
         """Record a finished mark partition (``encode_mark``'s frame)."""
         self._append(frame)
 
-    def add_sweep(self, prefix: str, tally: Tally) -> None:
-        """Record a finished sweep partition and its counts (those of its deleted objects excepted)."""
-        self._append(_frame({"t": "sweep", "p": prefix, "tally": tally.to_obj()}))
+    def add_sweep(self, name: str, tally: Tally) -> None:
+        """Record a finished sweep partition (by name) and its counts (those of its deleted objects excepted)."""
+        self._append(_frame({"t": "sweep", "p": name, "tally": tally.to_obj()}))
 
     def add_freed(self, tally: Tally) -> None:
         """Record the objects one delete batch removed."""

@@ -5,9 +5,10 @@ windows. Just before deleting, it re-lists ``access/`` for records written
 since the run began (uses since then protect a chunk and its ancestors through
 the grace), and HEADs each chunk's data object as the sweep does: a chunk
 refreshed within the grace is kept, and so is every ancestor of a kept chunk.
-A chunk's data object is deleted before its ``zarr.json``; its tail marker
-becomes stale-tail garbage for the next run. A load that races the deletion
-finds the data object gone after its HEAD round: a shorter hit, never wrong data.
+Evicting a chunk deletes its data object, its only object (its array's
+``zarr.json`` is shared); its tail marker becomes stale-tail garbage for the next
+run. A load that races the deletion finds the data object gone after its HEAD
+round: a shorter hit, never wrong data.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvstore.errors import InvalidInputError
-from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, ZARR_JSON
+from kvstore.formats.layout import data_path
 from kvstore.gc.access_log import AccessLog, merge_uses, read_access_log
 from kvstore.gc.bulk import BulkOps
 from kvstore.gc.evict import EvictionCandidates, eviction_order, last_use
@@ -35,7 +36,7 @@ _DELETE_SLICE = 256  # a window's deletions go in slices side by side (several w
 
 @dataclass(slots=True)
 class EvictColumns:
-    """What eviction needs beyond the mark, per valid header: full key, bytes (data + zarr.json), data mtime."""
+    """What eviction needs beyond the mark, per valid header: full key, data object bytes and mtime."""
 
     digests: bytearray = field(default_factory=bytearray)
     sizes: array[int] = field(default_factory=lambda: array("Q"))
@@ -61,6 +62,7 @@ class EvictModel:
     keys: np.ndarray
     parents: np.ndarray
     index: np.ndarray
+    tokens: np.ndarray
     digests: np.ndarray  # (n, 32) uint8
     sizes: np.ndarray
     mtimes: np.ndarray
@@ -85,9 +87,9 @@ def check_eviction(max_bytes: int | None, max_idle: float | None) -> None:
         raise InvalidInputError(f"max_idle must be a number of seconds >= 0 or None, got {max_idle!r}")
 
 
-def _path(mid: str, digest: np.ndarray, name: str) -> str:
-    h = digest.tobytes().hex()
-    return f"{CHUNKS_DIR}/{mid}/{h[0:2]}/{h[2:4]}/{h}/{name}"
+def _path(m: EvictModel, row: int) -> str:
+    """The data object of row ``row`` of ``m``."""
+    return data_path(bytes.fromhex(m.mid), m.digests[row].tobytes(), int(m.tokens[row]))
 
 
 async def run_eviction(
@@ -191,10 +193,7 @@ class _Evictor:
         One call for the window where the backend batches HEADs (a local directory), else
         ``concurrency`` at a time.
         """
-        paths = []
-        for j in window:
-            m = self.models[int(self.cands.model[j])]
-            paths.append(_path(m.mid, m.digests[int(self.cands.row[j])], DATA_NAME))
+        paths = [self._path(j) for j in window]
         if self.backend.batches_heads:
             metas = await self.backend.head_many(paths)
         else:
@@ -207,41 +206,39 @@ class _Evictor:
         cutoff = self.s.cutoff
         return [m is not None and (m.mtime is None or m.mtime < cutoff) for m in metas]
 
+    def _path(self, j: int) -> str:
+        """The data object of candidate ``j``."""
+        return _path(self.models[int(self.cands.model[j])], int(self.cands.row[j]))
+
     async def _delete_all(self, keys: list[str]) -> list[DeleteFailure]:
         slices = [keys[i : i + _DELETE_SLICE] for i in range(0, len(keys), _DELETE_SLICE)]
         results = await asyncio.gather(*(self.bulk.delete_objects(part) for part in slices))
         return [f for failures in results for f in failures]
 
     async def _delete(self, chosen: list[int]) -> tuple[int, set[int]]:
-        """Data objects first, then zarr.json; returns the bytes freed (or to free, in a dry run) and the
+        """Delete the chosen chunks' data objects; returns the bytes freed (or to free, in a dry run) and the
         chunks whose data object could not be deleted."""
         cands, report = self.cands, self.report
-        paths = []
-        for j in chosen:
-            m = self.models[int(cands.model[j])]
-            paths.append((m.mid, m.digests[int(cands.row[j])]))
+        paths = [self._path(j) for j in chosen]
         failed: set[str] = set()
         if not self.s.dry_run and chosen:
-            data_failures = await self._delete_all([_path(mid, d, DATA_NAME) for mid, d in paths])
-            failed = {f.key for f in data_failures}
-            meta_failures = await self._delete_all(
-                [_path(mid, d, ZARR_JSON) for mid, d in paths if _path(mid, d, DATA_NAME) not in failed]
-            )
-            report.failures_total += len(data_failures) + len(meta_failures)
-            report.failures.extend((data_failures + meta_failures)[: max(0, 100 - len(report.failures))])
+            failures = await self._delete_all(paths)
+            failed = {f.key for f in failures}
+            report.failures_total += len(failures)
+            report.failures.extend(failures[: max(0, 100 - len(report.failures))])
         freed, kept = 0, set()
-        for j, (mid, d) in zip(chosen, paths, strict=True):
-            if _path(mid, d, DATA_NAME) in failed:
+        for j, path in zip(chosen, paths, strict=True):
+            if path in failed:
                 kept.add(j)
                 continue
             size = int(cands.sizes[j])
-            usage = report.by_model[mid]
+            usage = report.by_model[self.models[int(cands.model[j])].mid]
             usage.evicted_chunks += 1
             usage.evicted_bytes += size
-            usage.kept_objects -= 2
+            usage.kept_objects -= 1
             usage.kept_bytes -= size
-            usage.freed_objects += 2
+            usage.freed_objects += 1
             usage.freed_bytes += size
-            report.reasons["evicted"] += 2
+            report.reasons["evicted"] += 1
             freed += size
         return freed, kept

@@ -1,21 +1,26 @@
 """Mark and sweep: find every chunk reachable from a live model version, delete old objects that are not.
 
 Roots are the live model versions (a model record and no retirement record).
-A chunk is reachable when its model is live, its data object is present with
-a valid index and header, and its parent is the model's chain root or a reachable chunk. A tail
-marker ``<P>/tails/<n>`` is kept while a reachable chunk with parent P has n
-tokens. Everything else under ``chunks/`` is garbage, and garbage is deleted
-only when its modification time is older than ``grace`` before the run began.
+A chunk is reachable when its model is live, its data object is present with a
+valid index and a header that matches the object's path (model, token count, key
+coordinates) and names the store's codec, and its parent is the model's chain
+root or a reachable chunk. A tail marker ``tails/<p[0:2]>/<p[2:4]>/<p>/<n>`` is
+kept while a reachable chunk with parent p has n tokens; an array's ``zarr.json``
+while its model is live. Nothing of a model whose record or chunk headers are
+of another format version is touched. Everything else under ``chunks/`` is garbage, and
+garbage is deleted only when its modification time is older than ``grace``
+before the run began.
 
 Two listings: the first reads the data objects' headers of live models (the mark),
-the second decides and deletes object by object (the sweep). Each fans out
-over the partitions of ``chunks/`` (``chunks/<model>/<aa>/``), a bounded number
+the second decides and deletes object by object, each on its own (the sweep).
+Each fans out over the partitions of ``chunks/`` (per model, and per key prefix
+of a big model's arrays: ``kvstore.gc.bulk.plan_partitions``), a bounded number
 at a time, so a bucket of millions of chunks lists in parallel. The mark is held
-as compact arrays (about 50 bytes per chunk, sorted 64-bit digest prefixes for
-the sweep's lookups); a prefix collision can only keep garbage, never drop a
-reachable chunk. A run can record finished partitions in a checkpoint file and
-resume from it (kvstore/gc/checkpoint.py). The safety argument is in
-docs/FORMAT.md ("Garbage collection").
+as compact arrays (about 60 bytes per chunk, sorted 64-bit signatures of key
+coordinates and token count for the sweep's lookups); a collision can only keep
+garbage, never drop a reachable chunk. A run can record finished partitions in a
+checkpoint file and resume from it (kvstore/gc/checkpoint.py). The safety
+argument is in docs/FORMAT.md ("Garbage collection").
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from kvstore.errors import (
     InvalidInputError,
     ObjectNotFoundError,
 )
+from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import key_root
-from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME, parse_tail_marker, zarr_array_metadata
+from kvstore.formats.layout import CHUNKS_DIR, ChunkObject, key_coords, parse_chunk_object
 from kvstore.gc.access_log import collect_access, read_access_log
 from kvstore.gc.bulk import BulkOps, Partition, list_partition, open_bulk_ops, plan_partitions
 from kvstore.gc.checkpoint import Checkpoint, MarkedPartition, encode_mark
@@ -50,6 +56,7 @@ from kvstore.reading import read_head
 from kvstore.registry import Registry, read_registry, read_root_record
 from kvstore.spec import ModelSpec
 from kvstore.storage import ObjectMeta, ObjectStore, open_object_store
+from kvstore.storage.local import TMP_MARK
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH
 from kvstore.store import LIVE_CHECK_TTL
 
@@ -68,26 +75,33 @@ those fresh objects (docs/FORMAT.md, "Garbage collection").
 
 _TAIL_MIX = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
-_TMP_MARK = ".tmp-"
+_HEX = frozenset("0123456789abcdef")
 
 
 def _prefix64(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _tail_sig(parent64: int, num_tokens: int) -> int:
-    return (parent64 ^ (num_tokens * _TAIL_MIX)) & _U64
+def _fold(coords: tuple[int, ...]) -> int:
+    """64 bits of a data object's key coordinates (``key_coords``): all its path tells of the chunk's key."""
+    h = 0
+    for c in coords:
+        h = ((h ^ c) * _TAIL_MIX) & _U64
+    return h
 
 
-def split_chunk_key(key: str) -> tuple[str, str, str] | None:
-    """(model id hex, chunk key hex, rest) of ``chunks/<mid>/<aa>/<bb>/<key>/<rest>``, else None."""
-    parts = key.split("/", 5)
-    if len(parts) != 6 or parts[0] != CHUNKS_DIR:
-        return None
-    _, mid, a, b, k, rest = parts
-    if len(mid) != 32 or len(k) != 64 or k[0:2] != a or k[2:4] != b or not rest:
-        return None
-    return mid, k, rest
+def _sig(bits64: int, num_tokens: int) -> int:
+    """What the mark records of a data object (``_fold`` of its coordinates) or of a tail marker (its parent's
+    key prefix), with the token count."""
+    return (bits64 ^ (num_tokens * _TAIL_MIX)) & _U64
+
+
+def chunk_model_id(key: str) -> str:
+    """The model id (hex) of a key under ``chunks/<mid>/``, whether it follows the layout or not; else ""."""
+    parts = key.split("/", 2)
+    if len(parts) == 3 and parts[0] == CHUNKS_DIR and len(parts[1]) == 32 and _HEX.issuperset(parts[1]):
+        return parts[1]
+    return ""
 
 
 def _contains(sorted_arr: np.ndarray, value: int) -> bool:
@@ -95,15 +109,7 @@ def _contains(sorted_arr: np.ndarray, value: int) -> bool:
     return i < len(sorted_arr) and int(sorted_arr[i]) == value
 
 
-def _meta_size(spec: ModelSpec, num_tokens: int, codec: str) -> int:
-    """Bytes of the zarr.json a writer of this chunk puts beside its data object."""
-    try:
-        return len(zarr_array_metadata(spec, num_tokens, codec))
-    except (InvalidInputError, FormatVersionError):  # a codec this version does not know
-        return 0
-
-
-_COLUMNS = ("keys", "parents", "index", "tokens", "sizes", "mtimes")
+_COLUMNS = ("keys", "parents", "index", "tokens", "coords", "sizes", "mtimes")
 
 
 @dataclass(slots=True)
@@ -114,11 +120,13 @@ class _Commits:
     parents: array[int] = field(default_factory=lambda: array("Q"))
     index: array[int] = field(default_factory=lambda: array("Q"))
     tokens: array[int] = field(default_factory=lambda: array("I"))
+    coords: array[int] = field(default_factory=lambda: array("Q"))
+    """``_fold`` of the data object's key coordinates: what the sweep finds of the chunk in its path."""
     sizes: array[int] = field(default_factory=lambda: array("Q"))
     mtimes: array[float] = field(default_factory=lambda: array("d"))
     evict: EvictColumns | None = None
-    """Full keys, chunk bytes (data object + zarr.json) and mtimes, kept only when the run evicts (never in a
-    checkpoint: a run that evicts does not take one)."""
+    """Full keys, data object bytes and mtimes, kept only when the run evicts (never in a checkpoint: a run
+    that evicts does not take one)."""
 
     def columns(self) -> dict[str, array[Any]]:
         """The per-chunk arrays by name (what a checkpoint records of the mark)."""
@@ -127,6 +135,8 @@ class _Commits:
 
 @dataclass(slots=True)
 class _Marks:
+    """Sorted ``_sig`` arrays: of reachable chunks, of unreachable ones, of the tail markers to keep."""
+
     reachable: np.ndarray
     unreachable: np.ndarray
     tails: np.ndarray
@@ -181,16 +191,16 @@ def _marks(commits: dict[str, _Commits], roots: dict[str, int], chunk_tokens: in
     r = u = 0
     for mid, mask in masks.items():
         c = commits[mid]
-        keys = np.frombuffer(c.keys, np.uint64)
-        hits = int(np.count_nonzero(mask))
-        np.compress(mask, keys, out=reachable[r : r + hits])
-        np.compress(~mask, keys, out=unreachable[u : u + len(mask) - hits])
-        r, u = r + hits, u + len(mask) - hits
         tokens = np.frombuffer(c.tokens, np.uint32)
+        mix = tokens.astype(np.uint64) * np.uint64(_TAIL_MIX)  # wraps modulo 2**64, as _sig does
+        sigs = np.frombuffer(c.coords, np.uint64) ^ mix
+        hits = int(np.count_nonzero(mask))
+        np.compress(mask, sigs, out=reachable[r : r + hits])
+        np.compress(~mask, sigs, out=unreachable[u : u + len(mask) - hits])
+        r, u = r + hits, u + len(mask) - hits
+        del sigs
         tails = mask & (tokens < chunk_tokens)
-        parents = np.frombuffer(c.parents, np.uint64)[tails]
-        mix = (tokens[tails].astype(np.uint64) * np.uint64(_TAIL_MIX)) & np.uint64(_U64)
-        tail_parts.append(parents ^ mix)
+        tail_parts.append(np.frombuffer(c.parents, np.uint64)[tails] ^ mix[tails])
     del masks
     reachable.sort()
     unreachable.sort()
@@ -269,7 +279,7 @@ async def mark_and_sweep(
     """Mark chunks reachable from live model versions, then delete unreachable objects older than ``grace``.
 
     Uses only list, head, get (root and model records, ranged reads of data-object headers) and delete. Both
-    listings fan out over the store's partitions (per model, and per ``chunks/<model>/<aa>/`` for a big model;
+    listings fan out over the store's partitions (per model, and per key prefix of a big model's arrays;
     ``kvstore.gc.bulk.plan_partitions``), ``bulk.fan_out`` at a time. Safe
     to interrupt at any point: every deletion targets garbage, and running again
     finishes the job. With ``checkpoint`` (a local file path) finished partitions are recorded there and a run
@@ -319,7 +329,9 @@ async def mark_and_sweep(
             backend, bulk, live=set(live), protected=set(protected), cutoff=report.cutoff, concurrency=concurrency
         )
         specs = {mid: m.spec for mid, m in live.items()}
-        commits = await _Mark(backend, bulk, specs, protected, report, prog, concurrency, ckpt, evicting).run()
+        commits = await _Mark(
+            backend, bulk, specs, root.codec, protected, report, prog, concurrency, ckpt, evicting
+        ).run()
         marked = {m: c for m, c in commits.items() if m in live and m not in protected}
         marks = _marks(marked, roots, root.chunk_tokens)
         report.chunks_reachable = _distinct(marks.reachable)
@@ -360,6 +372,7 @@ def _evict_model(mid: str, c: _Commits, mask: np.ndarray) -> EvictModel:
         np.frombuffer(c.keys, np.uint64)[mask],
         np.frombuffer(c.parents, np.uint64)[mask],
         np.frombuffer(c.index, np.uint64)[mask].astype(np.int64),
+        np.frombuffer(c.tokens, np.uint32)[mask],
         np.frombuffer(e.digests, np.uint8).reshape(-1, 32)[mask],
         np.frombuffer(e.sizes, np.uint64)[mask].astype(np.int64),
         np.frombuffer(e.mtimes, np.float64)[mask],
@@ -402,7 +415,7 @@ async def _each_partition(bulk: BulkOps, done: set[str], work: Callable[[Partiti
 
     async with task_group() as tg:
         for part in plan:
-            if part.prefix in done:
+            if part.name in done:
                 continue
             await slots.acquire()
             tg.create_task(one(part))
@@ -420,6 +433,7 @@ class _Mark:
         backend: ObjectStore,
         bulk: BulkOps,
         live: dict[str, ModelSpec],
+        codec: str,
         protected: dict[str, str],
         report: GCReport,
         prog: GCProgress,
@@ -427,9 +441,10 @@ class _Mark:
         ckpt: Checkpoint | None,
         track: bool = False,
     ) -> None:
-        """``live`` maps each live model id (hex) to its spec. With ``track`` (eviction) each header's full key,
-        chunk bytes (data object + zarr.json) and data mtime are kept too."""
+        """``live`` maps each live model id (hex) to its spec; ``codec`` is the store's. With ``track``
+        (eviction) each header's full key, data object bytes and mtime are kept too."""
         self.backend, self.bulk, self.live, self.protected = backend, bulk, live, protected
+        self.codec = codec
         self.report, self.prog, self.ckpt, self.track = report, prog, ckpt, track
         self.commits: dict[str, _Commits] = {}
         self._reads = asyncio.Semaphore(concurrency)
@@ -439,7 +454,7 @@ class _Mark:
         if self.ckpt is not None:
             for part in self.ckpt.marked:
                 self._absorb(part)
-                done.add(part.prefix)
+                done.add(part.name)
             self.ckpt.marked.clear()
         self.prog.start("list", None)
         self.prog.start("read", None)
@@ -457,7 +472,7 @@ class _Mark:
             c = self.commits.setdefault(mid, _Commits())
             columns = c.columns()
             if cols.keys() != columns.keys() or any(code != columns[n].typecode for n, (code, _) in cols.items()):
-                raise InvalidInputError(f"checkpoint partition {part.prefix!r} has columns {sorted(cols)}")
+                raise InvalidInputError(f"checkpoint partition {part.name!r} has columns {sorted(cols)}")
             for name, (_, raw) in cols.items():
                 columns[name].frombytes(raw)
 
@@ -473,17 +488,15 @@ class _Mark:
                 if batch == 1000:
                     self.prog.advance("list", batch)
                     batch = 0
-                if not meta.key.endswith(DATA_NAME):
-                    continue
-                parts = split_chunk_key(meta.key)
-                if parts is None or parts[2] != DATA_NAME or parts[0] not in self.live:
+                parsed = parse_chunk_object(meta.key)
+                if parsed is None or parsed.kind != "data" or parsed.model not in self.live:
                     continue
                 await self._reads.acquire()  # back-pressure: the listing waits while `concurrency` reads are pending
-                tg.create_task(self._read(parts[0], parts[1], meta, found, protected))
+                tg.create_task(self._read(parsed, meta, found, protected))
             self.prog.advance("list", batch)
         columns = {mid: {n: (str(a.typecode), a.tobytes()) for n, a in c.columns().items()} for mid, c in found.items()}
         read = sum(len(c.keys) for c in found.values())
-        record = MarkedPartition(part.prefix, listed, read, protected, columns)
+        record = MarkedPartition(part.name, listed, read, protected, columns)
         frame = await asyncio.to_thread(encode_mark, record) if self.ckpt is not None else None
         # No await from here on: the partition joins the mark and the checkpoint together, or neither.
         if self.ckpt is not None and frame is not None:
@@ -496,29 +509,34 @@ class _Mark:
                 into.evict.extend(c.evict)
 
     async def _read(
-        self, mid: str, khex: str, meta: ObjectMeta, found: dict[str, _Commits], protected: dict[str, str]
+        self, parsed: ChunkObject, meta: ObjectMeta, found: dict[str, _Commits], protected: dict[str, str]
     ) -> None:
+        mid = parsed.model
         try:
             try:
                 rec = (await read_head(self.backend, meta.key, self.live[mid].num_layers, meta.size)).header
-            except ObjectNotFoundError:  # deleted since it was listed: not committed
+                if rec.codec != self.codec:
+                    get_codec(rec.codec, stored=True)  # unknown: FormatVersionError
+                    return  # another codec than the store's: damage
+            except ObjectNotFoundError:  # deleted since it was listed
                 return
             except IntegrityError:
                 return
             except FormatVersionError as exc:  # a newer writer: leave its model's objects alone
                 protected.setdefault(mid, f"chunk header in another format version: {exc}")
                 return
-            if rec.key.hex() != khex or rec.model_id.hex() != mid:
-                return
+            if rec.model_id.hex() != mid or rec.num_tokens != parsed.num_tokens or key_coords(rec.key) != parsed.coords:
+                return  # not the chunk its path names: damage
             c = found.setdefault(mid, _Commits(evict=EvictColumns() if self.track else None))
             c.keys.append(_prefix64(rec.key))
             c.parents.append(_prefix64(rec.parent))
             c.index.append(rec.index)
             c.tokens.append(rec.num_tokens)
+            c.coords.append(_fold(parsed.coords))
             c.sizes.append(meta.size)
             c.mtimes.append(math.nan if meta.mtime is None else meta.mtime)
-            if c.evict is not None:  # zarr.json is derived from the spec, tokens and codec: its size too
-                c.evict.add(rec.key, meta.size + _meta_size(self.live[mid], rec.num_tokens, rec.codec), meta.mtime)
+            if c.evict is not None:
+                c.evict.add(rec.key, meta.size, meta.mtime)
             self.prog.advance("read", 1)
         finally:
             self._reads.release()
@@ -526,13 +544,9 @@ class _Mark:
 
 @dataclass(slots=True)
 class _PartState:
-    """Sweep state of one partition: the chunk being classified, and deletions waiting for a batch."""
+    """Sweep state of one partition: its counts, and deletions waiting for a batch."""
 
     tally: Tally = field(default_factory=Tally)
-    chunk: tuple[str, str] | None = None
-    reason: str | None = None
-    still_old: bool | None = None
-    """The HEAD re-check of ``chunk``'s data object, once made."""
     pending: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
@@ -568,50 +582,41 @@ class _Sweep:
             usage = self.report.by_model[mid] = ModelUsage(mid or "(malformed)", mid, status)
         return usage
 
-    def classify(self, key: str, state: _PartState) -> tuple[str, str | None, tuple[str, str] | None]:
-        """(model id hex, garbage reason or None to keep, chunk id) of one object."""
-        parts = split_chunk_key(key)
-        if parts is None:
-            return "", "malformed", None
-        mid, khex, rest = parts
-        if mid in self.protected:
-            return mid, None, None
+    def classify(self, key: str) -> tuple[str, str | None]:
+        """(model id hex, garbage reason or None to keep) of one object."""
+        parsed = parse_chunk_object(key)
+        mid = parsed.model if parsed is not None else chunk_model_id(key)
+        if not mid:
+            return "", "malformed"
+        if mid in self.protected:  # a newer writer's objects may not follow this layout
+            return mid, None
         if mid not in self.live:
-            return mid, ("retired" if mid in self.retired else "unknown-model"), None
-        if _TMP_MARK in rest:
-            return mid, "temp", None
-        try:
-            k64 = int(khex[:16], 16)
-        except ValueError:
-            return mid, "malformed", None
-        if rest.startswith("tails/"):
-            n = parse_tail_marker(rest)
-            keep = n is not None and rest.count("/") == 1 and _contains(self.marks.tails, _tail_sig(k64, n))
-            return mid, (None if keep else "stale-tail"), None
-        chunk = (mid, khex)
-        if chunk != state.chunk:  # a chunk's objects are listed together
-            state.chunk, state.still_old = chunk, None
-            if _contains(self.marks.reachable, k64):
-                state.reason = None
-            else:
-                state.reason = "unreachable" if _contains(self.marks.unreachable, k64) else "uncommitted"
-        return mid, state.reason, chunk
+            return mid, ("retired" if mid in self.retired else "unknown-model")
+        if parsed is None:
+            return (mid, "temp") if TMP_MARK in key.rsplit("/", 1)[-1] else ("", "malformed")
+        if parsed.kind == "metadata":
+            return mid, None
+        if parsed.kind == "tail":
+            assert parsed.parent is not None
+            keep = _contains(self.marks.tails, _sig(int(parsed.parent[:16], 16), parsed.num_tokens))
+            return mid, (None if keep else "stale-tail")
+        assert parsed.coords is not None
+        sig = _sig(_fold(parsed.coords), parsed.num_tokens)
+        if _contains(self.marks.reachable, sig):
+            return mid, None
+        return mid, ("unreachable" if _contains(self.marks.unreachable, sig) else "damaged")
 
-    async def _still_old(self, chunk: tuple[str, str], state: _PartState) -> bool:
-        """Re-check a committed-but-unreachable chunk just before deleting: a writer may have refreshed it."""
-        if state.still_old is None or state.chunk != chunk:
-            mid, khex = chunk
-            path = f"{CHUNKS_DIR}/{mid}/{khex[0:2]}/{khex[2:4]}/{khex}/{DATA_NAME}"
-            meta = await self.backend.head(path)
-            state.still_old = meta is None or meta.mtime is None or meta.mtime < self.report.cutoff
-        return state.still_old
+    async def _still_old(self, key: str) -> bool:
+        """Re-check an unreachable chunk's data object just before deleting it: a writer may have refreshed it."""
+        meta = await self.backend.head(key)
+        return meta is None or meta.mtime is None or meta.mtime < self.report.cutoff
 
     async def run(self) -> None:
         done: set[str] = set()
         if self.ckpt is not None:
-            for prefix, tally in self.ckpt.swept.items():
+            for name, tally in self.ckpt.swept.items():
                 tally.add_to(self.report, self._usage)
-                done.add(prefix)
+                done.add(name)
             for tally in self.ckpt.freed:
                 tally.add_to(self.report, self._usage)
             self.ckpt.swept.clear()
@@ -635,16 +640,16 @@ class _Sweep:
         # No await from here on: the partition counts once, in the report and in the checkpoint.
         state.tally.add_to(self.report, self._usage)
         if self.ckpt is not None:
-            self.ckpt.add_sweep(part.prefix, state.tally)
+            self.ckpt.add_sweep(part.name, state.tally)
 
     async def _one(self, meta: ObjectMeta, state: _PartState, tg: asyncio.TaskGroup) -> None:
-        mid, reason, chunk = self.classify(meta.key, state)
+        mid, reason = self.classify(meta.key)
         if reason is None:
             state.tally.count(mid, "kept", meta.size)
             return
         old = meta.mtime is not None and meta.mtime < self.report.cutoff
-        if old and reason == "unreachable" and chunk is not None:
-            old = await self._still_old(chunk, state)
+        if old and reason == "unreachable":
+            old = await self._still_old(meta.key)
         if not old:
             state.tally.count(mid, "young", meta.size)
             return

@@ -13,12 +13,12 @@ __all__ = ["REASONS", "GCProgress", "GCReport", "ModelUsage"]
 REASONS = {
     "retired": "objects of a retired model version",
     "unknown-model": "objects under a model id with no model record",
-    "uncommitted": "objects of a chunk without a valid data object (crashed or in-flight writer)",
-    "unreachable": "committed chunks whose chain does not lead back to the model's root",
+    "damaged": "data objects whose header is unreadable, does not match their path or names another codec",
+    "unreachable": "chunks whose chain does not lead back to the model's root",
     "stale-tail": "tail markers whose partial chunk is not reachable",
     "temp": "temporary files of interrupted local writes",
     "malformed": "objects under chunks/ that do not follow the layout",
-    "evicted": "objects of reachable chunks evicted as least recently used (--max-bytes / --max-idle)",
+    "evicted": "data objects of reachable chunks evicted as least recently used (--max-bytes / --max-idle)",
 }
 """Why an object is garbage (keys of ``GCReport.reasons``)."""
 

@@ -18,9 +18,9 @@ from typing import Any
 from kvstore._tasks import task_group
 from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreConfigError
 from kvstore.formats.access import ACCESS_DIR, parse_access_key
-from kvstore.formats.layout import CHUNKS_DIR, DATA_NAME
+from kvstore.formats.layout import parse_chunk_object
 from kvstore.formats.shard import CRC_BYTES
-from kvstore.gc.marksweep import split_chunk_key
+from kvstore.gc.marksweep import chunk_model_id
 from kvstore.gc.report import GCProgress
 from kvstore.opening import NAMESPACES_DIR
 from kvstore.reading import read_head
@@ -37,7 +37,8 @@ def _later(a: float | None, b: float | None) -> float | None:
 
 @dataclass(slots=True)
 class ModelStats:
-    """One model version's footprint. ``chunks`` counts committed chunks; objects and bytes count everything."""
+    """One model version's footprint. ``chunks`` counts data objects; objects and bytes count everything
+    under its ``chunks/<mid>/`` (array metadata, tail markers, temporary files too)."""
 
     label: str
     model_id: str
@@ -82,13 +83,12 @@ class NamespaceStats:
 
 @dataclass(slots=True)
 class UsageReport:
-    """A store's footprint: per model version, chunk size histogram (log2 buckets of bytes), totals."""
+    """A store's footprint: per model version, chunk size histogram (log2 buckets of data object bytes), totals."""
 
     url: str
     chunk_tokens: int
     models: dict[str, ModelStats] = field(default_factory=dict)
     chunk_size_histogram: Counter[int] = field(default_factory=Counter)
-    chunk_dirs: int = 0
     other_objects: int = 0
     other_bytes: int = 0
     access_records: int = 0
@@ -119,8 +119,7 @@ class UsageReport:
             "objects": self.objects,
             "bytes": self.bytes,
             "chunks": self.chunks,
-            "chunk_directories": self.chunk_dirs,
-            "objects_per_chunk": chunk_objects / self.chunk_dirs if self.chunk_dirs else None,
+            "objects_per_chunk": chunk_objects / self.chunks if self.chunks else None,
             "compression_ratio": raw / stored if stored else None,
             "chunk_size_histogram": {f"<{1 << b}": n for b, n in sorted(self.chunk_size_histogram.items())},
             "other_objects": self.other_objects,
@@ -140,11 +139,10 @@ def _stats_for(m: ModelInfo) -> ModelStats:
 async def scan_usage(
     backend: ObjectStore, *, sample: int = 256, progress: GCProgress | None = None, concurrency: int = 16
 ) -> UsageReport:
-    """List the store once and sum objects, bytes and committed chunks per model version.
+    """List the store once and sum objects, bytes and chunks (data objects) per model version.
 
-    Chunk sizes are summed over consecutive objects of one chunk directory (listings
-    of local directories and S3 are grouped that way). ``sample`` chunk headers per
-    model give the compression ratio and tokens per chunk.
+    A chunk's size is its data object's. ``sample`` chunk headers per model give
+    the compression ratio and tokens per chunk.
     """
     started = time.monotonic()
     try:
@@ -161,13 +159,6 @@ async def scan_usage(
     for m in models:
         report.models[m.model_id.hex()] = _stats_for(m)
     limit = asyncio.Semaphore(concurrency)
-    current: tuple[str, str] | None = None
-    current_bytes = 0
-
-    def close_chunk() -> None:
-        if current is not None and current_bytes > 0:
-            report.chunk_size_histogram[max(current_bytes - 1, 0).bit_length()] += 1
-            report.chunk_dirs += 1
 
     async def sample_chunk(stats: ModelStats, info: ModelInfo, key: str, size: int) -> None:
         try:
@@ -199,16 +190,12 @@ async def scan_usage(
                     model = report.models[used[0]]
                     model.last_use = _later(model.last_use, used[1])
                 continue
-            parts = split_chunk_key(meta.key) if meta.key.startswith(CHUNKS_DIR + "/") else None
-            if parts is None:
+            parsed = parse_chunk_object(meta.key)
+            mid = parsed.model if parsed is not None else chunk_model_id(meta.key)
+            if not mid:
                 report.other_objects += 1
                 report.other_bytes += meta.size
                 continue
-            mid, khex, rest = parts
-            if (mid, khex) != current:
-                close_chunk()
-                current, current_bytes = (mid, khex), 0
-            current_bytes += meta.size
             stats = report.models.get(mid)
             if stats is None:
                 stats = report.models[mid] = ModelStats(mid, mid, "unknown")
@@ -216,14 +203,14 @@ async def scan_usage(
             stats.bytes += meta.size
             if meta.mtime is not None:
                 stats.last_write = max(stats.last_write or -math.inf, meta.mtime)
-            if rest == DATA_NAME:
+            if parsed is not None and parsed.kind == "data":
+                report.chunk_size_histogram[max(meta.size - 1, 0).bit_length()] += 1
                 stats.last_use = _later(stats.last_use, meta.mtime)
                 stats.chunks += 1
                 info = infos.get(mid)
                 if info is not None and stats.chunks <= sample:
                     await limit.acquire()
                     tg.create_task(sample_chunk(stats, info, meta.key, meta.size))
-        close_chunk()
     if progress is not None:
         progress.finish("list")
     report.elapsed = time.monotonic() - started
@@ -238,7 +225,8 @@ def _count_namespace(report: UsageReport, meta: ObjectMeta) -> None:
         ns = report.namespaces[name] = NamespaceStats(name)
     ns.objects += 1
     ns.bytes += meta.size
-    if rest.startswith(CHUNKS_DIR + "/") and rest.endswith("/" + DATA_NAME):
+    parsed = parse_chunk_object(rest)
+    if parsed is not None and parsed.kind == "data":
         ns.chunks += 1
         ns.last_use = _later(ns.last_use, meta.mtime)
     elif rest.startswith(ACCESS_DIR + "/"):

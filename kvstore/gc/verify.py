@@ -2,12 +2,13 @@
 
 A damaged chunk is reported; with ``repair`` its data object is deleted (a
 concurrent reader sees a miss, never a half-deleted chunk) and the next save of
-that prefix writes it again. Only what docs/FORMAT.md defines as damage counts:
-a chunk's ``zarr.json`` is not part of kvstore's format, so a missing or
-unreadable one, or one that decodes otherwise than the data object's header says
-(shape, data type or codec chain: two writers with different codecs raced), is
-reported apart (``metadata_problems``) and, with ``repair``, written again; one
-that merely differs in settings or additions (another writer's version) is left alone.
+that prefix writes it again. Only what docs/FORMAT.md defines as damage counts,
+a header naming another codec than the store's included. An array's
+``zarr.json`` (one per model and chunk length) is not part of kvstore's format,
+so a missing or unreadable one, or one that decodes otherwise than the store
+writes it (shape, data type or codec chain), is reported apart
+(``metadata_problems``) and, with ``repair``, written again; one that merely
+differs in settings or additions (another writer's version) is left alone.
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ import numpy as np
 from kvstore._tasks import task_group
 from kvstore._workers import in_worker
 from kvstore.errors import FormatVersionError, IntegrityError, InvalidInputError, ObjectNotFoundError
-from kvstore.formats.layout import DATA_NAME, ZARR_JSON, model_chunks_prefix, zarr_array_metadata
+from kvstore.formats.layout import (
+    ChunkObject,
+    key_coords,
+    metadata_path,
+    model_chunks_prefix,
+    parse_chunk_object,
+    zarr_array_metadata,
+)
 from kvstore.formats.shard import ShardHead, decode_layer, parse_head
-from kvstore.gc.marksweep import split_chunk_key
 from kvstore.gc.report import GCProgress
 from kvstore.reading import chunk_codec
 from kvstore.registry import read_registry, read_root_record
@@ -37,7 +44,8 @@ __all__ = ["Damage", "VerifyReport", "verify_store"]
 
 @dataclass(frozen=True, slots=True)
 class Damage:
-    """One damaged chunk: its model version, key (hex) and what is wrong."""
+    """One damaged chunk: its model version, key (hex; the data object's path when its header cannot tell) and
+    what is wrong."""
 
     model: str
     key: str
@@ -91,7 +99,7 @@ async def verify_store(
     concurrency: int = 16,
     progress: GCProgress | None = None,
 ) -> VerifyReport:
-    """Check every committed chunk of the given ``(name, version)`` models (default: all of them)."""
+    """Check every chunk (data object) of the given ``(name, version)`` models (default: all of them)."""
     started = time.monotonic()
     root = await read_root_record(backend)
     registry = await read_registry(backend)
@@ -108,9 +116,9 @@ async def verify_store(
     if progress is not None:
         progress.start("verify", None)
 
-    async def check(info: ModelInfo, khex: str, data_key: str) -> None:
+    async def check(info: ModelInfo, parsed: ChunkObject, data_key: str) -> None:
         try:
-            problem = await _check_chunk(backend, info, root.chunk_tokens, khex, data_key, report, repair)
+            key, problem = await _check_chunk(backend, info, root.chunk_tokens, root.codec, parsed, data_key, report)
         except _Skip:
             return
         finally:
@@ -120,19 +128,26 @@ async def verify_store(
         report.chunks_checked += 1
         if problem is None:
             return
-        report.damaged.append(Damage(info.label, khex, problem))
+        report.damaged.append(Damage(info.label, key, problem))
         if repair:
             await backend.delete([data_key])  # readers now see a miss; the next save writes it again
             report.repaired += 1
 
+    arrays: list[tuple[ModelInfo, set[int]]] = []  # the chunk lengths seen per model: its arrays
     async with task_group() as tg:
         for info in chosen:
+            lengths: set[int] = set()
+            arrays.append((info, lengths))
             async for meta in backend.list(model_chunks_prefix(info.model_id)):
-                parts = split_chunk_key(meta.key)
-                if parts is None or parts[2] != DATA_NAME:
+                parsed = parse_chunk_object(meta.key)
+                if parsed is None or parsed.kind != "data":
                     continue
+                lengths.add(parsed.num_tokens)
                 await limit.acquire()
-                tg.create_task(check(info, parts[1], meta.key))
+                tg.create_task(check(info, parsed, meta.key))
+    for info, lengths in arrays:
+        for n in sorted(lengths):
+            await _check_metadata(backend, info, n, root.codec, report, repair)
     if progress is not None:
         progress.finish("verify")
     report.damaged.sort(key=lambda d: (d.model, d.key))
@@ -144,12 +159,12 @@ async def _check_chunk(
     backend: ObjectStore,
     info: ModelInfo,
     chunk_tokens: int,
-    khex: str,
+    codec_name: str,
+    parsed: ChunkObject,
     data_key: str,
     report: VerifyReport,
-    repair: bool,
-) -> str | None:
-    """None when the chunk is intact, else a one-line description of the first problem found."""
+) -> tuple[str, str | None]:
+    """(the chunk's key hex, or its path; None when the chunk is intact, else the first problem found)."""
     spec = info.spec
     try:
         data = memoryview(await backend.get(data_key))
@@ -158,23 +173,22 @@ async def _check_chunk(
     report.bytes_read += len(data)
     try:
         head = parse_head(data, spec.num_layers, len(data))
-        codec = chunk_codec(head, spec)
+        codec = chunk_codec(head, spec, codec_name)
     except FormatVersionError:
         report.skipped_other_format += 1
         raise _Skip from None
     except IntegrityError as exc:
-        return f"data object: {exc}"
+        return data_key, f"data object: {exc}"
     h = head.header
-    if h.key.hex() != khex or h.model_id != info.model_id:
-        return "data object belongs to another chunk or model"
+    if h.model_id != info.model_id or h.num_tokens != parsed.num_tokens or key_coords(h.key) != parsed.coords:
+        return data_key, "data object belongs to another chunk or model"
     if h.num_tokens > chunk_tokens:
-        return f"data object says {h.num_tokens} tokens, more than a chunk holds ({chunk_tokens})"
+        return h.key.hex(), f"data object says {h.num_tokens} tokens, more than a chunk holds ({chunk_tokens})"
     try:
         await in_worker(_check_layers, codec, data, head, 2 * h.num_tokens * spec.row_bytes)
     except IntegrityError as exc:
-        return str(exc)
-    await _check_metadata(backend, info, data_key[: -len(DATA_NAME)], head, report, repair)
-    return None
+        return h.key.hex(), str(exc)
+    return h.key.hex(), None
 
 
 def _check_layers(codec: Any, data: memoryview, head: ShardHead, raw: int) -> None:
@@ -189,19 +203,20 @@ def _check_layers(codec: Any, data: memoryview, head: ShardHead, raw: int) -> No
 
 
 async def _check_metadata(
-    backend: ObjectStore, info: ModelInfo, prefix: str, head: ShardHead, report: VerifyReport, repair: bool
+    backend: ObjectStore, info: ModelInfo, num_tokens: int, codec: str, report: VerifyReport, repair: bool
 ) -> None:
-    """A chunk's zarr.json must exist, be JSON and decode like the data object's header says (shape, data
-    type, codec chain: two writers with different codecs may race on it) for stock zarr to read the chunk."""
-    expected = zarr_array_metadata(info.spec, head.header.num_tokens, head.header.codec)
+    """An array's zarr.json must exist, be JSON and decode as the store writes it (shape, data type, the
+    store's codec chain) for stock zarr to read its chunks."""
+    path = metadata_path(info.model_id, num_tokens)
+    expected = zarr_array_metadata(info.spec, num_tokens, codec)
     try:
-        if _decoding(json.loads(await backend.get(prefix + ZARR_JSON))) == _decoding(json.loads(expected)):
+        if _decoding(json.loads(await backend.get(path))) == _decoding(json.loads(expected)):
             return
     except (ObjectNotFoundError, ValueError):
         pass
     report.metadata_problems += 1
     if repair:
-        await backend.put(prefix + ZARR_JSON, expected)
+        await backend.put(path, expected)
         report.metadata_rewritten += 1
 
 

@@ -19,7 +19,7 @@ import kvstore
 from kvstore.cli import gc_cmd
 from kvstore.cli.main import cli
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path, metadata_path
 from kvstore.formats.shard import parse_head
 
 OLD = kvstore.ModelSpec("tiny-llama", "v1", num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
@@ -46,7 +46,7 @@ def _age(root: Path, seconds: float = 7200) -> None:
 
 
 def _retired_store(tmp_path: Path, *, age: bool = True) -> str:
-    """A store at ``tmp_path/s`` with tiny-llama@v1 retired (7 objects of garbage) and v2 live; aged 2 h."""
+    """A store at ``tmp_path/s`` with tiny-llama@v1 retired (6 objects of garbage) and v2 live; aged 2 h."""
     url = str(tmp_path / "s")
     _make_store(url)
     _invoke("retire", url, "tiny-llama@v1")
@@ -83,7 +83,7 @@ def test_stats_reports_totals_and_distribution(tmp_path: Path) -> None:
     data = json.loads(_invoke("stats", url, "--json").output)
     assert data["chunks"] == 6
     assert data["compression_ratio"] == pytest.approx(1.0)
-    assert data["objects_per_chunk"] == pytest.approx(14 / 6)  # 2 objects per chunk + one tail marker per model
+    assert data["objects_per_chunk"] == pytest.approx(12 / 6)  # per model: 3 chunks, 2 zarr.json, a tail marker
     assert sum(data["chunk_size_histogram"].values()) == 6
     text = _invoke("stats", url)
     assert text.exit_code == 0
@@ -114,7 +114,7 @@ def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == files
     planned = json.loads(plan.output)
     assert planned["dry_run"]
-    assert planned["freed_objects"] == 7
+    assert planned["freed_objects"] == 6
     text = _invoke("gc", url, "--dry-run")
     assert "nothing deleted" in text.output
     assert "tiny-llama@v1" in text.output
@@ -122,8 +122,8 @@ def test_gc_dry_run_then_gc_frees_the_retired_version(tmp_path: Path) -> None:
     done = _invoke("gc", url, "--json", "--grace", "30m")
     assert done.exit_code == 0
     report = json.loads(done.output)
-    assert report["freed_objects"] == 7
-    assert report["reasons"] == {"retired": 7}
+    assert report["freed_objects"] == 6
+    assert report["reasons"] == {"retired": 6}
     with kvstore.sync.open(url) as store:
         assert store.load_prefix(NEW, TOKENS).num_tokens == 40
 
@@ -132,7 +132,7 @@ def test_gc_grace_keeps_young_objects(tmp_path: Path) -> None:
     url = _retired_store(tmp_path, age=False)
     report = json.loads(_invoke("gc", url, "--json").output)  # default grace 1h: all still young
     assert report["freed_objects"] == 0
-    assert sum(m["young_objects"] for m in report["models"]) == 7
+    assert sum(m["young_objects"] for m in report["models"]) == 6
 
 
 def test_gc_refuses_a_short_grace_unless_allowed(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_gc_refuses_a_short_grace_unless_allowed(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == files
     done = _invoke("gc", url, "--grace", "30s", "--allow-short-grace", "--json")
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output)["freed_objects"] == 7
+    assert json.loads(done.output)["freed_objects"] == 6
 
 
 def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +154,7 @@ def test_gc_asks_on_a_terminal_above_the_threshold(tmp_path: Path, monkeypatch: 
     files = sorted(tmp_path.rglob("*"))
     no = _invoke("gc", url, "--confirm-threshold", "5", stdin="n\n")
     assert no.exit_code == 1
-    assert "Delete 7 objects" in no.output
+    assert "Delete 6 objects" in no.output
     assert sorted(tmp_path.rglob("*")) == files
     yes = _invoke("gc", url, "--confirm-threshold", "5", stdin="y\n")
     assert yes.exit_code == 0
@@ -169,7 +169,7 @@ def test_verify_finds_and_repairs_damage(tmp_path: Path) -> None:
     assert ok.exit_code == 0
     assert json.loads(ok.output)["chunks_checked"] == 6
     key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[1]
-    obj = tmp_path / "s" / data_path(chunk_prefix(model_id(NEW), key.digest))
+    obj = tmp_path / "s" / data_path(model_id(NEW), key.digest, key.num_tokens)
     data = bytearray(obj.read_bytes())
     data[parse_head(bytes(data), NEW.num_layers, len(data)).spans[1].offset + 3] ^= 0xFF  # a byte of layer 1
     obj.write_bytes(bytes(data))
@@ -219,7 +219,7 @@ def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: An
         [exe, "gc", url, "--grace", "1s", "--allow-short-grace", "--json"], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["reasons"] == {"retired": 7}
+    assert json.loads(out.stdout)["reasons"] == {"retired": 6}
     ls = subprocess.run([exe, "ls", url, "--json"], capture_output=True, text=True, env=env)
     rows = {m["label"]: m for m in json.loads(ls.stdout)["models"]}
     assert rows["tiny-llama@v1"]["objects"] == 0
@@ -231,42 +231,46 @@ def test_subprocess_gc_on_s3_with_settings_from_the_environment(s3_store_url: An
 
 def test_verify_repair_leaves_chunks_whose_zarr_json_differs(tmp_path: Path) -> None:
     """zarr.json is not part of kvstore's format: another writer's (an extra attribute, other formatting) is no
-    damage, so ``verify --repair`` keeps the chunk; a missing or unreadable one is rewritten, the data untouched."""
+    damage, so ``verify --repair`` keeps it and the chunks; a missing or unreadable one is rewritten, the data
+    untouched. Each array's is checked once, however many chunks it holds."""
     url = str(tmp_path / "s")
-    _make_store(url)
+    _make_store(url)  # NEW: 2 chunks in the array of 16-token chunks, 1 in that of 8-token ones
+    with kvstore.sync.open(url) as store:
+        store.save_prefix(NEW, TOKENS[:12], _kv(12))  # and 1 in an array of 12-token chunks
     keys = chunk_keys(NEW, normalize_tokens(TOKENS), 16)
-    prefixes = [tmp_path / "s" / chunk_prefix(model_id(NEW), k.digest) for k in keys]
-    other = json.loads((prefixes[0] / "zarr.json").read_text())
+    arrays = [tmp_path / "s" / metadata_path(model_id(NEW), n) for n in (16, 8, 12)]
+    other = json.loads(arrays[0].read_text())
     other["attributes"]["written_by"] = "another writer"
-    (prefixes[0] / "zarr.json").write_text(json.dumps(other))  # additive change, other formatting
-    (prefixes[1] / "zarr.json").unlink()  # missing
-    (prefixes[2] / "zarr.json").write_bytes(b"\xff not json")  # unreadable
-    data = [(p / "c.0.0.0.0.0").read_bytes() for p in prefixes]
+    arrays[0].write_text(json.dumps(other))  # additive change, other formatting
+    arrays[1].unlink()  # missing
+    arrays[2].write_bytes(b"\xff not json")  # unreadable
+    objects = [tmp_path / "s" / data_path(model_id(NEW), k.digest, k.num_tokens) for k in keys]
+    data = [p.read_bytes() for p in objects]
 
     out = _invoke("verify", url, "--model", "tiny-llama@v2", "--repair", "--json")
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
-    assert (report["chunks_checked"], report["chunks_damaged"], report["chunks_repaired"]) == (3, 0, 0)
+    assert (report["chunks_checked"], report["chunks_damaged"], report["chunks_repaired"]) == (4, 0, 0)
     assert (report["metadata_problems"], report["metadata_rewritten"]) == (2, 2)
-    assert [(p / "c.0.0.0.0.0").read_bytes() for p in prefixes] == data  # no chunk deleted
-    assert json.loads((prefixes[0] / "zarr.json").read_text()) == other  # another writer's metadata kept
-    for p in prefixes[1:]:
-        assert json.loads((p / "zarr.json").read_text())["zarr_format"] == 3  # written again
+    assert [p.read_bytes() for p in objects] == data  # no chunk deleted
+    assert json.loads(arrays[0].read_text()) == other  # another writer's metadata kept
+    for p in arrays[1:]:
+        assert json.loads(p.read_text())["zarr_format"] == 3  # written again
     with kvstore.sync.open(url) as store:
         assert store.load_prefix(NEW, TOKENS).num_tokens == 40
 
 
 def test_verify_repair_rewrites_a_zarr_json_that_names_another_codec(tmp_path: Path) -> None:
-    """Two writers with different codecs may race on zarr.json: stock zarr would then decode the data wrongly."""
+    """An array's zarr.json names the store's codec: with another one, stock zarr would decode the data wrongly."""
     from kvstore.formats.layout import zarr_array_metadata
 
     url = str(tmp_path / "s")
     _make_store(url)  # the default codec
-    key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[0]
-    meta_path = tmp_path / "s" / chunk_prefix(model_id(NEW), key.digest) / "zarr.json"
+    meta_path = tmp_path / "s" / metadata_path(model_id(NEW), 16)
     right = meta_path.read_bytes()
-    head = parse_head((meta_path.parent / "c.0.0.0.0.0").read_bytes(), NEW.num_layers, None)
-    other = "none" if head.header.codec != "none" else "lz4"
+    with kvstore.sync.open(url) as store:
+        codec = store.options.codec
+    other = "none" if codec != "none" else "lz4"
     meta_path.write_bytes(zarr_array_metadata(NEW, 16, other))
 
     out = _invoke("verify", url, "--model", "tiny-llama@v2", "--json")
@@ -278,6 +282,20 @@ def test_verify_repair_rewrites_a_zarr_json_that_names_another_codec(tmp_path: P
     assert meta_path.read_bytes() == right
 
 
+def test_verify_finds_a_chunk_of_another_codec_than_the_stores(tmp_path: Path) -> None:
+    """Every chunk of a store has the store's codec: a data object of another is damage, its path reported."""
+    url, other = str(tmp_path / "s"), str(tmp_path / "lz4")
+    _make_store(url)
+    with kvstore.sync.open(other, chunk_tokens=16, codec="lz4") as store:
+        store.save_prefix(NEW, TOKENS, _kv(40))
+    key = chunk_keys(NEW, normalize_tokens(TOKENS), 16)[0]
+    path = data_path(model_id(NEW), key.digest, key.num_tokens)
+    (tmp_path / "s" / path).write_bytes((tmp_path / "lz4" / path).read_bytes())
+    report = json.loads(_invoke("verify", url, "--model", "tiny-llama@v2", "--json").output)
+    assert report["chunks_checked"] == 3
+    assert [(d["key"], "codec" in d["problem"]) for d in report["damaged"]] == [(path, True)]
+
+
 def test_gc_checkpoint_is_used_and_forgotten_when_done(tmp_path: Path) -> None:
     from kvstore.gc.checkpoint import Checkpoint
 
@@ -287,7 +305,7 @@ def test_gc_checkpoint_is_used_and_forgotten_when_done(tmp_path: Path) -> None:
     done = _invoke("gc", url, "--json", "--grace", "30m", "--checkpoint", str(ckpt))
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)
-    assert report["freed_objects"] == 7
+    assert report["freed_objects"] == 6
     assert "started afresh" in report["checkpoint"]
     assert "another store" in report["checkpoint"]
     assert not ckpt.exists()

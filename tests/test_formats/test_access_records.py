@@ -20,9 +20,9 @@ from kvstore.formats.access import AccessRecord, access_prefix, access_record_na
 MID = bytes.fromhex("482f55dc4f348e3403f32e92a1684471")
 WRITER = bytes.fromhex("0102030405060708")
 GOLDEN = bytes.fromhex(
-    "87a6666f726d617402a26964c410482f55dc4f348e3403f32e92a1684471a6777269746572c4080102030405060708a56669727374"
+    "87a6666f726d617403a26964c410482f55dc4f348e3403f32e92a1684471a6777269746572c4080102030405060708a56669727374"
     "ce6553f100a46c617374ce6553f17ba46b657973c4100123456789abcdeffedcba9876543210a574696d6573c4087bf1536500f1"
-    "53650ea5e140"
+    "5365a4b6e5c6"
 )
 KEY = "access/482f55dc4f348e3403f32e92a1684471/1700000123000-0102030405060708-00000001"
 FORMAT_MD = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
@@ -54,7 +54,7 @@ def test_the_doc_vector_by_hand() -> None:
     v = {name: json.loads(value) for name, _, value in (ln.partition(": ") for ln in block[1].strip().splitlines())}
     body = msgpack.packb(
         {
-            "format": 2,
+            "format": 3,
             "id": bytes.fromhex(v["model_id"]),
             "writer": bytes.fromhex(v["writer"]),
             "first": min(v["times"]),
@@ -101,7 +101,7 @@ def test_crc_and_version() -> None:
     with pytest.raises(IntegrityError, match="checksum"):
         AccessRecord.from_msgpack(bytes(damaged))
     with pytest.raises(FormatVersionError):
-        AccessRecord.from_msgpack(_repack(format=3))
+        AccessRecord.from_msgpack(_repack(format=4))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -54,12 +54,12 @@ VECTORS = {
         "tokens": list(range(40)),
         "identity_msgpack": "96b56c6c616d612d332e312d38622d696e737472756374a46d61696e2008cc80a862666c6f61743136",
         "model_id": "0427799c745f141ec324eb33cbfae430",
-        "key_root_msgpack": "9802b56c6c616d612d332e312d38622d696e737472756374a46d61696e2008cc80a862666c6f6174313610",
-        "key_root": "13b69c04766ed6cbaaeaa55a3645e592f3c6a28d383c569f736ebacc537f9c45",
+        "key_root_msgpack": "9803b56c6c616d612d332e312d38622d696e737472756374a46d61696e2008cc80a862666c6f6174313610",
+        "key_root": "1bb9875a7b04df53b2ccc2aa4bdfc90ff39c2a738bbb09e4d6e3cbc56e2eb7fa",
         "chunks": [
-            (0, 16, "db723d47fd5df351acaad8a1beca4d4a6081d9f172f2109c686f018a5a1465bf"),
-            (16, 32, "96966ba0241f2be84f2ac1c6bde9afe0383a45fbb0a128105fd6aaa223e4ea21"),
-            (32, 40, "f1eb724ab07deebced9d0b63e51857bc45be8e6d0800ebd7610a2c4d5a6c19e4"),
+            (0, 16, "31ccb13e61fc7b5a9ddd5704d6056d4a2b0e7212fe2b972974c657cd0d33b8e8"),
+            (16, 32, "d357b74639b83f60b614d17dd0ee34a59c47849b321682fe7c5e6f0de2a1a6c4"),
+            (32, 40, "b318a158666741e6e6d550b2e6ce8f1df824d5a7738698a5071b56aaacd2c8a8"),
         ],
     },
     "keys-2": {
@@ -71,13 +71,13 @@ VECTORS = {
         ),
         "model_id": "482f55dc4f348e3403f32e92a1684471",
         "key_root_msgpack": (
-            "9802b45177656e322e352fe697a5e69cace8aa9e2dc3bcaa323032342d303920ceb25008cc80ad666c6f6174385f65346d33666e04"
+            "9803b45177656e322e352fe697a5e69cace8aa9e2dc3bcaa323032342d303920ceb25008cc80ad666c6f6174385f65346d33666e04"
         ),
-        "key_root": "e05254e93889fb8d10695996efde56565b4bc1a4f93764eacac65782476b26d0",
+        "key_root": "7a3ad037afa2cdc16456f514d4c31f0483cdb3828f05bd64274f1d05abac07d2",
         "chunks": [
-            (0, 4, "f92c8a05bae3655195f06e11fc0dd12ee224e40dd7a21e9f176de620767ce67e"),
-            (4, 8, "0bea504caab99af046736fcc7e05d5ed31eb74cd1883e472e3a6a5c79a9cf993"),
-            (8, 10, "c7a7b9d71e70923ef5629ed6194d5aeb9e0cb5270d5d5fc79cbeda4cd5b3e488"),
+            (0, 4, "e4082814fbfaa89187bc4f185a5d2d54488e0a5f2102c0fbd881915409aaae07"),
+            (4, 8, "d2d6779f3e2ccbc801d83eec038a344a4db4ef5312e01fa7169ceaaff09b3df4"),
+            (8, 10, "f021de91d8e19d87430caf3a520f0b1e856d3549831f5a782e24da6f9d276da2"),
         ],
     },
     "keys-3": {
@@ -90,11 +90,11 @@ VECTORS = {
         ),
         "model_id": "80eec78aa9ae99480fc9fe7488b197c9",
         "key_root_msgpack": (
-            "9802d929612d6d6f64656c2d6e616d652d746861742d69732d6c6f6e6765722d7468616e2d33312d6279746573"
+            "9803d929612d6d6f64656c2d6e616d652d746861742d69732d6c6f6e6765722d7468616e2d33312d6279746573"
             "a27631ccc8cd03e8ce00011170a7666c6f61743332ce00010000"
         ),
-        "key_root": "6a92472c3b36aebde5c7293cc128bbe99aca8dd4b6d3f3fe2f816463d9e1948c",
-        "chunks": [(0, 3, "799a748bb091070e22ba8509f2d1260493eaa0fc2307df8a58875297a91e5b8d")],
+        "key_root": "ba15623276e4a17739186af4ecd8dda516036218852dc5e22b96474f7f366585",
+        "chunks": [(0, 3, "38ba68af4c96ca09bbb93eddf963015697efae10b4d76030cfdcb32946c21c88")],
     },
 }
 
@@ -104,7 +104,7 @@ def _keys_hex(spec: ModelSpec, tokens: object, chunk_tokens: int, *, include_tai
 
 
 def test_format_version_and_domain_strings() -> None:
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     assert KEY_DOMAIN == b"kvstore/chunk-key/v1\x00"
     assert MODEL_ID_DOMAIN == b"kvstore/model-id/v1\x00"
     assert KEY_DOMAIN.hex() == "6b7673746f72652f6368756e6b2d6b65792f763100"
@@ -132,7 +132,7 @@ def test_golden_vector_from_first_principles(vid: str) -> None:
     spec, ct, tokens = v["spec"], v["chunk_tokens"], v["tokens"]
     identity = [spec.name, spec.version, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype_name]
     assert _canonical_msgpack(identity).hex() == v["identity_msgpack"]
-    assert _canonical_msgpack([2, *identity, ct]).hex() == v["key_root_msgpack"]
+    assert _canonical_msgpack([3, *identity, ct]).hex() == v["key_root_msgpack"]
     assert blake3.blake3(MODEL_ID_DOMAIN + bytes.fromhex(v["identity_msgpack"])).digest()[:16].hex() == v["model_id"]
     parent = blake3.blake3(KEY_DOMAIN + bytes.fromhex(v["key_root_msgpack"])).digest()
     assert parent.hex() == v["key_root"]
@@ -147,7 +147,7 @@ def test_golden_vector_from_first_principles(vid: str) -> None:
 def test_documented_chunk0_preimage() -> None:
     v = VECTORS["keys-2"]
     preimage = bytes.fromhex(
-        "e05254e93889fb8d10695996efde56565b4bc1a4f93764eacac65782476b26d0040000000000000001000000ff00000000010000"
+        "7a3ad037afa2cdc16456f514d4c31f0483cdb3828f05bd64274f1d05abac07d2040000000000000001000000ff00000000010000"
     )
     assert blake3.blake3(preimage).hexdigest() == v["chunks"][0][2]
 

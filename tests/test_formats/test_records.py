@@ -34,19 +34,20 @@ HEADER_LIMIT = 1024 + 4 * 65536  # a chunk header of the most layers a model may
 # ---------------------------------------------------------------------- golden bytes (docs/FORMAT.md)
 
 ROOT_BYTES = bytes.fromhex(
-    "84a6666f726d617402a56d61676963a76b7673746f7265ac6368756e6b5f746f6b656e7310a763726561746564cb41d954fc40000000"
+    "85a6666f726d617403a56d61676963a76b7673746f7265ac6368756e6b5f746f6b656e7310a5636f646563a46e6f6e65a7637265617465"
+    "64cb41d954fc40000000"
 )
 MODEL_SPEC = ModelSpec("Qwen2.5/日本語-ü", "2024-09 β", 80, 8, 128, torch.float8_e4m3fn)
 MODEL_ID = bytes.fromhex("482f55dc4f348e3403f32e92a1684471")
 MODEL_BYTES = bytes.fromhex(
-    "89a6666f726d617402a26964c410482f55dc4f348e3403f32e92a1684471a46e616d65b45177656e322e352fe697a5e69cace8aa9e2d"
+    "89a6666f726d617403a26964c410482f55dc4f348e3403f32e92a1684471a46e616d65b45177656e322e352fe697a5e69cace8aa9e2d"
     "c3bca776657273696f6eaa323032342d303920ceb2aa6e756d5f6c617965727350ac6e756d5f6b765f686561647308a8686561645f"
     "64696dcc80a56474797065ad666c6f6174385f65346d33666ea763726561746564cb41d954fc40200000"
 )
 # The header of the tail chunk of the "chunk-tiny" vector, codec none.
 HEADER = ChunkHeader(
-    key=bytes.fromhex("1a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831c"),
-    parent=bytes.fromhex("a203ae1105a00bc8be0a3f9507f16a11b7c0988cb7fca9fee68d49342855fc34"),
+    key=bytes.fromhex("6bba8b6af75e900843204552ec4d35cafde3cd2cc2db51a84c0ff9120f2383e8"),
+    parent=bytes.fromhex("2edf970ed8f2beef9df051679762fb2708b8d5364f32cfa1c606ba614bb6d9f8"),
     index=1,
     model_id=bytes.fromhex("2cc2d5c9f1ed6e4ea8fc086562f95e60"),
     num_tokens=1,
@@ -56,8 +57,8 @@ HEADER = ChunkHeader(
     created=1700000000.0,
 )
 HEADER_BYTES = bytes.fromhex(
-    "8aa6666f726d617402a36b6579c4201a763958e1c7343a0defb2184b437a86f9bf9b380f774754a7729e041f09831ca6706172656e74"
-    "c420a203ae1105a00bc8be0a3f9507f16a11b7c0988cb7fca9fee68d49342855fc34a5696e64657801a56d6f64656cc4102cc2d5c9f1"
+    "8aa6666f726d617403a36b6579c4206bba8b6af75e900843204552ec4d35cafde3cd2cc2db51a84c0ff9120f2383e8a6706172656e74"
+    "c4202edf970ed8f2beef9df051679762fb2708b8d5364f32cfa1c606ba614bb6d9f8a5696e64657801a56d6f64656cc4102cc2d5c9f1"
     "ed6e4ea8fc086562f95e60a6746f6b656e7301a66c617965727302a5636f646563a46e6f6e65a463726373c4085a19099d14428e56a7"
     "63726561746564cb41d954fc40000000"
 )
@@ -66,14 +67,16 @@ RETIREMENT_BYTES = RETIREMENT.to_msgpack()
 
 
 def test_root_record_golden_bytes() -> None:
-    assert RootRecord(chunk_tokens=16, created=1700000000.0).to_msgpack() == ROOT_BYTES
-    assert RootRecord.from_msgpack(ROOT_BYTES) == RootRecord(16, 1700000000.0)
+    assert RootRecord(chunk_tokens=16, codec="none", created=1700000000.0).to_msgpack() == ROOT_BYTES
+    assert RootRecord.from_msgpack(ROOT_BYTES) == RootRecord(16, "none", 1700000000.0)
     assert msgpack.unpackb(ROOT_BYTES) == {
-        "format": 2,
+        "format": 3,
         "magic": "kvstore",
         "chunk_tokens": 16,
+        "codec": "none",
         "created": 1700000000.0,
     }
+    assert list(msgpack.unpackb(ROOT_BYTES)) == ["format", "magic", "chunk_tokens", "codec", "created"]
 
 
 def test_model_record_golden_bytes() -> None:
@@ -143,9 +146,9 @@ digests32 = st.binary(min_size=32, max_size=32)
 
 
 @SETTINGS
-@given(chunk_tokens=st.integers(1, 2**24), created=finite)
-def test_root_record_round_trip(chunk_tokens: int, created: float) -> None:
-    rec = RootRecord(chunk_tokens, created)
+@given(chunk_tokens=st.integers(1, 2**24), codec=st.sampled_from(["none", "lz4", "blosc-lz4"]), created=finite)
+def test_root_record_round_trip(chunk_tokens: int, codec: str, created: float) -> None:
+    rec = RootRecord(chunk_tokens, codec, created)
     assert RootRecord.from_msgpack(rec.to_msgpack()) == rec
 
 
@@ -190,7 +193,7 @@ def test_chunk_header_round_trip(rec: ChunkHeader) -> None:
 def test_retirement_record_round_trip(mid: bytes, by: str, reason: str | None, at: float) -> None:
     rec = RetirementRecord(mid, retired_by=by, reason=reason, retired_at=at)
     assert RetirementRecord.from_msgpack(rec.to_msgpack()) == rec
-    assert msgpack.unpackb(rec.to_msgpack())["format"] == 2
+    assert msgpack.unpackb(rec.to_msgpack())["format"] == 3
 
 
 def test_every_accepted_model_spec_has_a_readable_model_record() -> None:
@@ -241,7 +244,7 @@ def _valid_obj(cls: type) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32, 2**64 - 1])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255, 2**32, 2**64 - 1])
 def test_unknown_format_version(cls: type, version: int) -> None:
     obj = _valid_obj(cls)
     obj["format"] = version
@@ -253,7 +256,7 @@ def test_unknown_format_version(cls: type, version: int) -> None:
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("version", [None, "2", 2.0, True, [2], b"\x02"], ids=repr)
+@pytest.mark.parametrize("version", [None, "3", 3.0, True, [3], b"\x03"], ids=repr)
 def test_missing_or_malformed_format_version_is_damage(cls: type, version: object) -> None:
     obj = _valid_obj(cls)
     if version is None:
@@ -326,6 +329,30 @@ def test_model_record_with_unknown_dtype_is_a_newer_format() -> None:
         ModelRecord.from_msgpack(msgpack.packb(obj, use_bin_type=True))
 
 
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_root_record_of_an_older_version_is_refused_naming_both_versions(old: int) -> None:
+    """Version 1 and 2 stores are refused at open (FORMAT.md section 11): the message names both versions."""
+    fields: dict[str, Any] = {"format": old, "magic": "kvstore", "chunk_tokens": 256, "created": 1700000000.0}
+    with pytest.raises(FormatVersionError, match=rf"format version {old}\b.*format version 3\b"):
+        RootRecord.from_msgpack(msgpack.packb(fields))
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "blosc-lz4"])
+def test_root_record_codec(codec: str) -> None:
+    obj = _valid_obj(RootRecord)
+    obj["codec"] = codec
+    assert RootRecord.from_msgpack(msgpack.packb(obj, use_bin_type=True)).codec == codec
+
+
+@pytest.mark.parametrize("codec", ["zstd", "", "NONE", "lz4 "])
+def test_root_record_naming_an_unknown_codec_is_a_newer_format(codec: str) -> None:
+    """A store created with a codec this kvstore does not know is refused, not read as damage."""
+    obj = _valid_obj(RootRecord)
+    obj["codec"] = codec
+    with pytest.raises(FormatVersionError, match="codec"):
+        RootRecord.from_msgpack(msgpack.packb(obj, use_bin_type=True))
+
+
 # Field values that a reader must refuse as damage, per record.
 BAD_FIELDS: list[tuple[type, str, object]] = [
     (RootRecord, "chunk_tokens", 0),
@@ -333,6 +360,9 @@ BAD_FIELDS: list[tuple[type, str, object]] = [
     (RootRecord, "chunk_tokens", True),
     (RootRecord, "chunk_tokens", 16.0),
     (RootRecord, "chunk_tokens", "16"),
+    (RootRecord, "codec", 0),
+    (RootRecord, "codec", b"none"),
+    (RootRecord, "codec", None),
     (RootRecord, "created", "yesterday"),
     (RootRecord, "created", True),
     (ModelRecord, "id", b"\x00" * 15),

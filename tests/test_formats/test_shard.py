@@ -25,7 +25,7 @@ import kvstore
 from kvstore import FormatVersionError, IntegrityError, ModelSpec
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.formats.records import ChunkHeader, chunk_header_limit
 from kvstore.formats.shard import (
     CRC_BYTES,
@@ -124,7 +124,7 @@ def _read_believing(data: bytes, size: int, codec: str) -> list[bytes]:
 
 def _load(data: bytes, codec: str = "none", *, verify: bool = True) -> list[bytes]:
     head = parse_head(data, SPEC.num_layers, len(data))
-    check_chunk_head(head, SPEC, MID, KEY)
+    check_chunk_head(head, SPEC, MID, KEY, codec)
     return _read_all(data, head, codec, verify=verify)
 
 
@@ -132,7 +132,7 @@ async def _rewrite(store_url: Any, change: Callable[[bytes], bytes]) -> None:
     """Replace the stored data object of the test chunk by ``change(its bytes)``, behind the store's back."""
     backend = await open_object_store(store_url.url, store_url.storage_options)
     try:
-        path = data_path(chunk_prefix(MID, KEY.digest))
+        path = data_path(MID, KEY.digest, KEY.num_tokens)
         await backend.put(path, change(await backend.get(path)))
     finally:
         await backend.close()
@@ -295,7 +295,7 @@ def test_the_header_must_fit_between_index_and_first_layer(first: int) -> None:
 
 def test_a_header_of_another_version_is_not_damage() -> None:
     body = msgpack.unpackb(_header().to_msgpack())
-    body["format"] = 3
+    body["format"] = 4
     body["layout"] = "something new"
     body["crcs"] = _crc(b"\x00" * 8) * 3
     data = _raw_object(msgpack.packb(body, use_bin_type=True), [b"\x00" * 8 + _crc(b"\x00" * 8)] * 3)
@@ -308,7 +308,21 @@ def test_an_unknown_codec_is_another_version() -> None:
     head = parse_head(data, SPEC.num_layers, len(data))
     renamed = ShardHead(_header(codec="zstd"), head.spans, head.size)
     with pytest.raises(FormatVersionError):
-        check_chunk_head(renamed, SPEC, MID, KEY)
+        check_chunk_head(renamed, SPEC, MID, KEY, "none")
+
+
+@pytest.mark.parametrize("store_codec", ["none", "lz4", "blosc-lz4"])
+@pytest.mark.parametrize("codec", ["none", "lz4", "blosc-lz4"])
+def test_a_known_codec_other_than_the_stores_is_damage(codec: str, store_codec: str) -> None:
+    """Every chunk of a store has the store's codec (the one its array's zarr.json names): another known codec
+    in a header is damage, not another version."""
+    data = _object(codec)
+    head = parse_head(data, SPEC.num_layers, len(data))
+    if codec == store_codec:
+        assert check_chunk_head(head, SPEC, MID, KEY, store_codec).name == codec
+    else:
+        with pytest.raises(IntegrityError, match="codec"):
+            check_chunk_head(head, SPEC, MID, KEY, store_codec)
 
 
 @pytest.mark.parametrize(
@@ -326,7 +340,7 @@ def test_a_header_naming_another_chunk_is_damage(change: dict[str, Any]) -> None
     data = _object("none", **change)
     head = parse_head(data, SPEC.num_layers, len(data))
     with pytest.raises(IntegrityError, match=r"another chunk|does not match"):
-        check_chunk_head(head, SPEC, MID, KEY)
+        check_chunk_head(head, SPEC, MID, KEY, "none")
 
 
 def test_a_header_with_another_layer_count_is_damage() -> None:
@@ -340,7 +354,7 @@ def test_an_uncompressed_layer_of_the_wrong_size_is_damage() -> None:
     data = _raw_object(_header(), [layer + _crc(layer)] * 3)
     head = parse_head(data, SPEC.num_layers, len(data))
     with pytest.raises(IntegrityError, match="size"):
-        check_chunk_head(head, SPEC, MID, KEY)
+        check_chunk_head(head, SPEC, MID, KEY, "none")
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -382,7 +396,7 @@ def _parse_and_read(data: bytes, size: int) -> None:
             assert head.data_start <= span.offset
             assert span.nbytes > CRC_BYTES
             assert span.end <= size
-        codec = check_chunk_head(head, SPEC, MID, KEY).name
+        codec = check_chunk_head(head, SPEC, MID, KEY, head.header.codec).name  # the store's codec: tested apart
         if size == len(data):
             _read_all(data, head, codec)
 

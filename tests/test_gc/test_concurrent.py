@@ -13,7 +13,7 @@ from gc_helpers import put_raw, run_gc_at
 
 import kvstore
 from kvstore.formats.keys import model_id
-from kvstore.formats.layout import chunk_prefix
+from kvstore.formats.layout import data_path
 
 CHUNK = 4
 GRACE = 2.0
@@ -57,11 +57,11 @@ async def test_gc_loop_beside_save_loops_loses_nothing(
                 saved.append((b, n))  # only after the save returned
                 await asyncio.sleep(rng.random() * 0.02)
 
-    async def crasher() -> None:  # leaves uncommitted chunks behind, for the GC to find
+    async def crasher() -> None:  # leaves damaged data objects behind, for the GC to find
         rng = random.Random(99)
         mid = model_id(spec)
         while not writers_done.is_set():
-            await put_raw(url, opts, {chunk_prefix(mid, rng.randbytes(32)) + "c.0.0.0.0.0": b"orphan"})
+            await put_raw(url, opts, {data_path(mid, rng.randbytes(32), CHUNK): b"orphan"})
             await asyncio.sleep(0.3)
 
     async def collector() -> None:

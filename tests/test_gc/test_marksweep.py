@@ -16,7 +16,7 @@ from gc_helpers import put_raw, run_gc_at, snapshot
 import kvstore
 import kvstore.gc
 from kvstore.formats.keys import chunk_keys, key_root, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path, model_chunks_prefix, tails_prefix
+from kvstore.formats.layout import data_path, metadata_path, model_chunks_prefix, tail_marker_path
 
 CHUNK = 4
 PROMPT = list(range(100, 118))  # 4 full chunks + a 2-token tail
@@ -135,24 +135,22 @@ async def test_orphans_older_than_grace_go_younger_stay_local(
     spec = make_spec()
     await _save(url, opts, spec, PROMPT, make_kv(spec, len(PROMPT)))
     mid = model_id(spec)
-    orphan = chunk_prefix(mid, b"\x11" * 32)  # a crashed writer: layer objects and no commit record
-    young = chunk_prefix(mid, b"\x22" * 32)
-    garbage = {
-        orphan + "zarr.json": b"{}",
-        orphan + "c.0.0.0.0.0": b"x" * 64,
-        young + "c.0.0.0.0.0": b"y" * 64,
-        chunk_prefix(b"\x99" * 16, b"\x33" * 32) + "zarr.json": b"{}",  # a model id with no record
-    }
+    damaged = data_path(mid, b"\x11" * 32, CHUNK)  # no valid header: damage
+    young = data_path(mid, b"\x22" * 32, CHUNK)
+    empty_array = metadata_path(mid, 3)  # an array of a live model without chunks: kept
+    unknown = metadata_path(b"\x99" * 16, CHUNK)  # a model id with no record
+    garbage = {damaged: b"x" * 64, young: b"y" * 64, empty_array: b"{}", unknown: b"{}"}
     await put_raw(url, opts, garbage)
-    tmp = _age_all_but(Path(url), young, chunk_prefix(mid, b"\x44" * 32) + "commit.msgpack.tmp-0123abcd")
+    tmp = _age_all_but(Path(url), young, data_path(mid, b"\x44" * 32, CHUNK) + ".tmp-" + "ab" * 16)
 
     report = await run_gc_at(url, opts, grace=3600, now=time.time())
     left = await snapshot(url, opts)
-    assert orphan + "zarr.json" not in left
-    assert orphan + "c.0.0.0.0.0" not in left
-    assert young + "c.0.0.0.0.0" in left
+    assert damaged not in left
+    assert unknown not in left
+    assert young in left
+    assert empty_array in left
     assert not await asyncio.to_thread(tmp.exists)
-    assert report.reasons == {"uncommitted": 2, "unknown-model": 1, "temp": 1}
+    assert report.reasons == {"damaged": 1, "unknown-model": 1, "temp": 1}
     assert sum(m.young_objects for m in report.by_model.values()) == 1
     assert (await _load(url, opts, spec, PROMPT)).num_tokens == len(PROMPT)
 
@@ -165,15 +163,15 @@ async def test_orphans_older_than_grace_go_younger_stay_s3(
     spec = make_spec()
     await _save(url, opts, spec, PROMPT, make_kv(spec, len(PROMPT)))
     mid = model_id(spec)
-    old, young = chunk_prefix(mid, b"\x11" * 32), chunk_prefix(mid, b"\x22" * 32)
-    await put_raw(url, opts, {old + "c.0.0.0.0.0": b"x"})
+    old, young = data_path(mid, b"\x11" * 32, CHUNK), data_path(mid, b"\x22" * 32, CHUNK)
+    await put_raw(url, opts, {old: b"x"})
     await asyncio.sleep(2.2)
-    await put_raw(url, opts, {young + "c.0.0.0.0.0": b"y"})
+    await put_raw(url, opts, {young: b"y"})
     report = await run_gc_at(url, opts, grace=1.5, now=time.time())
     left = await snapshot(url, opts)
-    assert old + "c.0.0.0.0.0" not in left
-    assert young + "c.0.0.0.0.0" in left
-    assert report.reasons == {"uncommitted": 1}
+    assert old not in left
+    assert young in left
+    assert report.reasons == {"damaged": 1}
     assert (await _load(url, opts, spec, PROMPT)).num_tokens == len(PROMPT)
 
 
@@ -188,21 +186,54 @@ async def test_broken_chain_is_collected_and_a_new_save_restores_it(
     mid = model_id(spec)
     keys = chunk_keys(spec, normalize_tokens(PROMPT), CHUNK)
     backend = await kvstore.storage.open_object_store(url, opts)
-    await backend.delete([data_path(chunk_prefix(mid, keys[1].digest))])  # chunk 1 lost its commit
+    await backend.delete([data_path(mid, keys[1].digest, CHUNK)])  # chunk 1 lost
     await backend.close()
 
     report = await run_gc_at(url, opts)
     left = await snapshot(url, opts, model_chunks_prefix(mid))
-    assert {k.split("/")[4] for k in left} == {keys[0].hex}  # only chunk 0 survives
-    assert report.reasons["unreachable"] > 0
-    assert report.reasons["uncommitted"] > 0
-    assert report.reasons["stale-tail"] == 1
+    arrays = {metadata_path(mid, CHUNK), metadata_path(mid, 2)}  # kept while the model is live
+    assert set(left) == {data_path(mid, keys[0].digest, CHUNK)} | arrays  # only chunk 0 survives
+    assert report.reasons == {"unreachable": 3, "stale-tail": 1}  # chunks 2, 3 and the tail; its marker
     assert (await _load(url, opts, spec, PROMPT)).num_tokens == CHUNK
 
     await _save(url, opts, spec, PROMPT, kv)
     hit = await _load(url, opts, spec, PROMPT)
     assert hit.num_tokens == len(PROMPT)
     assert_kv_equal(hit.kv, kv)
+
+
+@pytest.mark.parametrize("backend", ["local", "memory"])
+async def test_a_data_object_is_reachable_only_where_its_header_says_it_belongs(
+    store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+) -> None:
+    """The path holds part of the key: a copy of a chunk in another chunk's place or in another length's array
+    is damage, and so is a chunk of another codec than the store's (its children become unreachable)."""
+    url, opts = store_url
+    spec = make_spec()
+    kv = make_kv(spec, len(PROMPT))
+    await _save(url, opts, spec, PROMPT, kv)
+    mid = model_id(spec)
+    keys = chunk_keys(spec, normalize_tokens(PROMPT), CHUNK)
+    other_url = url + "-lz4"
+    async with kvstore.open(other_url, storage_options=opts, chunk_tokens=CHUNK, codec="lz4") as store:
+        await store.save_prefix(spec, PROMPT, kv)
+    source = await snapshot(other_url, opts, model_chunks_prefix(mid))
+    chunk0 = (await snapshot(url, opts, model_chunks_prefix(mid)))[data_path(mid, keys[0].digest, CHUNK)]
+    misplaced = {
+        data_path(mid, b"\x33" * 32, CHUNK): chunk0,  # another chunk's place
+        data_path(mid, keys[0].digest, 3): chunk0,  # its place in the array of 3-token chunks
+        data_path(mid, keys[2].digest, CHUNK): source[data_path(mid, keys[2].digest, CHUNK)],  # lz4 in a "none" store
+    }
+    await put_raw(url, opts, misplaced)
+
+    report = await run_gc_at(url, opts)
+    left = await snapshot(url, opts, model_chunks_prefix(mid))
+    assert not set(misplaced) & set(left)
+    assert data_path(mid, keys[0].digest, CHUNK) in left
+    assert data_path(mid, keys[1].digest, CHUNK) in left
+    assert report.reasons == {"damaged": 3, "unreachable": 2, "stale-tail": 1}  # chunk 3 and the tail
+    assert mid.hex() not in report.protected_models
+    assert (await _load(url, opts, spec, PROMPT)).num_tokens == 2 * CHUNK
 
 
 @pytest.mark.parametrize("backend", ["local"])
@@ -215,7 +246,7 @@ async def test_chunks_after_a_gap_are_rewritten_not_skipped(
     kv = make_kv(spec, len(PROMPT))
     await _save(url, opts, spec, PROMPT, kv)
     keys = chunk_keys(spec, normalize_tokens(PROMPT), CHUNK)
-    await asyncio.to_thread(Path(url, data_path(chunk_prefix(model_id(spec), keys[2].digest))).unlink)
+    await asyncio.to_thread(Path(url, data_path(model_id(spec), keys[2].digest, CHUNK)).unlink)
     async with kvstore.open(url, storage_options=opts) as store:
         res = await store.save_prefix(spec, PROMPT, kv)
     assert (res.chunks_skipped, res.chunks_written) == (2, 3)
@@ -229,8 +260,8 @@ async def test_tail_markers_follow_their_chunks(
     spec = make_spec()
     await _save(url, opts, spec, PROMPT[:2], make_kv(spec, 2))  # a tail chained on the root: marker under root
     mid = model_id(spec)
-    marker = tails_prefix(mid, key_root(spec, CHUNK)) + "2"
-    stale = tails_prefix(mid, key_root(spec, CHUNK)) + "3"  # names a 3-token tail that does not exist
+    marker = tail_marker_path(mid, key_root(spec, CHUNK), 2)
+    stale = tail_marker_path(mid, key_root(spec, CHUNK), 3)  # names a 3-token tail that does not exist
     await put_raw(url, opts, {stale: b"\x00" * 32})
     report = await run_gc_at(url, opts)
     left = await snapshot(url, opts)
@@ -295,7 +326,7 @@ async def test_delete_failures_are_reported_and_an_interrupted_gc_is_finished_by
 
     url, opts = store_url
     specs = [make_spec(version=f"v{i}") for i in range(3)]
-    long_prompt = list(range(4 * 300))  # 2 objects a chunk: over one DeleteObjects batch of 1000 to collect
+    long_prompt = list(range(4 * 600))  # one object a chunk: over one DeleteObjects batch of 1000 to collect
     for spec in specs:
         await _save(url, opts, spec, long_prompt, make_kv(spec, len(long_prompt)))
     async with kvstore.open(url, storage_options=opts) as store:
@@ -307,21 +338,22 @@ async def test_delete_failures_are_reported_and_an_interrupted_gc_is_finished_by
         await mark_and_sweep(
             backend, _FailingBulk(StoreBulkOps(backend), interrupt=True), grace=0, now=now, allow_short_grace=True
         )
-    assert [m async for m in backend.list(model_chunks_prefix(model_id(specs[0])))] != []
+    retired = [model_chunks_prefix(model_id(spec)) for spec in specs[:2]]
+    assert [m for prefix in retired async for m in backend.list(prefix)] != []
 
     report = await mark_and_sweep(
-        backend, _FailingBulk(StoreBulkOps(backend), refuse="/zarr.json"), grace=0, now=now, allow_short_grace=True
+        backend, _FailingBulk(StoreBulkOps(backend), refuse="/c/0/"), grace=0, now=now, allow_short_grace=True
     )
     assert not report.ok
     assert report.failures_total > 0
     assert len(report.failures) == min(100, report.failures_total)
-    assert all(f.key.endswith("/zarr.json") and f.error == "AccessDenied: test" for f in report.failures)
+    assert all("/c/0/" in f.key and f.error == "AccessDenied: test" for f in report.failures)  # data objects
     assert report.freed_objects + report.failures_total == sum(report.reasons.values())
 
     finish = await mark_and_sweep(backend, StoreBulkOps(backend), grace=0, now=now, allow_short_grace=True)
     assert finish.ok
     assert finish.freed_objects > 0
-    assert [m async for m in backend.list(model_chunks_prefix(model_id(specs[0])))] == []
+    assert [m for prefix in retired async for m in backend.list(prefix)] == []
     assert (await _load(url, opts, specs[2], long_prompt)).num_tokens == len(long_prompt)
     await backend.close()
 

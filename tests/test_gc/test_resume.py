@@ -16,14 +16,14 @@ from gc_helpers import put_raw, snapshot
 import kvstore
 import kvstore.gc.marksweep as marksweep
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.gc import GCReport, mark_and_sweep
 from kvstore.gc.bulk import BulkOps, open_bulk_ops
 from kvstore.gc.checkpoint import Checkpoint, _frame
 from kvstore.storage import open_object_store
 
 CHUNK = 4
-PROMPT = list(range(4 * 150 + 2))  # 150 chunks and a tail: spread over most of the 256 fan-out prefixes
+PROMPT = list(range(4 * 150 + 2))  # 150 chunks and a tail: spread over most of the 256 key prefixes <k0>/
 
 
 class _Crash(RuntimeError):
@@ -62,7 +62,7 @@ class _Interrupting:
 
 
 async def _make_store(url: str, make_spec: Callable[..., Any], make_kv: Callable[..., Any]) -> None:
-    """A retired version, a live one with a broken chain, a crashed writer's leftovers."""
+    """A retired version, a live one with a broken chain, a damaged data object."""
     old, new = make_spec(version="v1"), make_spec(version="v2")
     for spec in (old, new):
         async with kvstore.open(url, chunk_tokens=CHUNK) as store:
@@ -72,15 +72,15 @@ async def _make_store(url: str, make_spec: Callable[..., Any], make_kv: Callable
         await store.retire("tiny", "v1")
     keys = chunk_keys(new, normalize_tokens(PROMPT), CHUNK)
     backend = await open_object_store(url)
-    await backend.delete([data_path(chunk_prefix(model_id(new), keys[120].digest))])  # chunks 121.. unreachable
+    await backend.delete([data_path(model_id(new), keys[120].digest, CHUNK)])  # chunks 121.. unreachable
     await backend.close()
-    await put_raw(url, None, {chunk_prefix(model_id(new), b"\x5a" * 32) + "zarr.json": b"{}"})
+    await put_raw(url, None, {data_path(model_id(new), b"\x5a" * 32, CHUNK): b"{}"})
 
 
 async def _gc(url: str, now: float, *, wrap: Callable[[BulkOps], BulkOps] = lambda b: b, **kw: Any) -> GCReport:
     backend = await open_object_store(url)
     try:
-        async with open_bulk_ops(backend, url, split_min=0) as bulk:  # a partition per fan-out prefix
+        async with open_bulk_ops(backend, url, split_min=0) as bulk:  # a partition per key prefix
             return await mark_and_sweep(backend, wrap(bulk), grace=0, now=now, allow_short_grace=True, **kw)
     finally:
         await backend.close()
@@ -134,12 +134,12 @@ async def test_a_run_interrupted_mid_sweep_resumes_without_reading_headers_again
     whole_url, url, now, whole = await _uninterrupted(twin_stores)
     assert whole.reasons["retired"] > 0
     assert whole.reasons["unreachable"] > 0
-    assert whole.reasons["uncommitted"] > 0
+    assert whole.reasons["damaged"] > 0
     ckpt = tmp_path / "gc.ckpt"
     reads.clear()
     with pytest.raises(_Crash):
         await _gc(url, now, wrap=lambda b: _Interrupting(b, deletes=20), checkpoint=ckpt)
-    assert len(reads) == whole.commits_read  # the mark was complete
+    assert len(reads) == whole.commits_read + 1  # the mark was complete (the damaged header read too)
     assert ckpt.exists()
     partial = await snapshot(url, None)
     assert set(partial) > set(await snapshot(whole_url, None))  # some garbage left: interrupted mid-sweep
@@ -165,7 +165,7 @@ async def test_a_run_interrupted_mid_mark_reads_only_the_partitions_not_done(
     with ckpt.open("ab") as fh:
         fh.write(b"\x10\x00\x00\x00torn")  # a frame cut short by the crash: ignored
     peek = Checkpoint.open(ckpt, url=f"file://{url}", t0=now, grace=0.0, dry_run=False, now=now)
-    done = [p.prefix for p in peek.marked]
+    done = [p.name for p in peek.marked]
     peek.close()
     assert peek.resumed
     assert 50 < len(done) < 200

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import kvstore
 import kvstore.access
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path, tails_prefix
+from kvstore.formats.layout import data_path, model_chunks_prefix, parse_chunk_object, tail_marker_path
 from kvstore.storage import open_object_store
 
 CHUNK = 4
@@ -128,11 +128,11 @@ class GCMachine(RuleBasedStateMachine):
             for base, n in self.saved[version]:
                 keys = chunk_keys(spec, normalize_tokens(BASES[base][:n]), CHUNK)
                 for i, key in enumerate(keys):
-                    if data_path(chunk_prefix(mid, key.digest)) not in before:
+                    if data_path(mid, key.digest, key.num_tokens) not in before:
                         break
                     if self.uses.get((version, key.digest), 0.0) >= now - EVICT_GRACE:
                         for k in keys[: i + 1]:  # it, and the whole chain it depends on
-                            path = data_path(chunk_prefix(mid, k.digest))
+                            path = data_path(mid, k.digest, k.num_tokens)
                             assert path in after, f"evicted {path}, used within the grace"
         self.dirty = True
 
@@ -161,21 +161,27 @@ class GCMachine(RuleBasedStateMachine):
 
         async def go() -> None:
             backend = await open_object_store(self.url)
-            await backend.delete([data_path(chunk_prefix(model_id(_spec(version)), key.digest))])
+            await backend.delete([data_path(model_id(_spec(version)), key.digest, key.num_tokens)])
             await backend.close()
 
         self._run(go())
         self.dirty = True
 
-    @rule(version=st.sampled_from(VERSIONS), junk=st.binary(min_size=32, max_size=32), temp=st.booleans())
-    def crashed_writer(self, version: str, junk: bytes, temp: bool) -> None:
-        prefix = chunk_prefix(model_id(_spec(version)), junk)
-        name = "commit.msgpack.tmp-deadbeef" if temp else "c.0.0.0.0.0"
-        self._run(put_raw(self.url, None, {prefix + name: b"partial"}))
+    @rule(
+        version=st.sampled_from(VERSIONS),
+        junk=st.binary(min_size=32, max_size=32),
+        n=st.integers(1, CHUNK),
+        temp=st.booleans(),
+    )
+    def crashed_writer(self, version: str, junk: bytes, n: int, temp: bool) -> None:
+        """A data object cut short (or, on a local directory, the temporary file of an interrupted write)."""
+        path = data_path(model_id(_spec(version)), junk, n) + (".tmp-" + "de" * 16 if temp else "")
+        self._run(put_raw(self.url, None, {path: b"partial"}))
         self.dirty = True
 
     def _reachable(self) -> set[str]:
-        """Oracle: the objects of every chunk of a live version whose whole chain has data objects."""
+        """Oracle: the data object (and tail marker) of every chunk of a live version whose whole chain has
+        data objects, and the arrays' zarr.json of live versions."""
 
         async def go() -> set[str]:
             backend = await open_object_store(self.url)
@@ -184,14 +190,18 @@ class GCMachine(RuleBasedStateMachine):
                 if version in self.retired:
                     continue
                 spec, mid = _spec(version), model_id(_spec(version))
+                async for meta in backend.list(model_chunks_prefix(mid)):
+                    parsed = parse_chunk_object(meta.key)
+                    if parsed is not None and parsed.kind == "metadata":
+                        keep.add(meta.key)
                 for base, n in self.saved[version]:
                     for key in chunk_keys(spec, normalize_tokens(BASES[base][:n]), CHUNK):
-                        prefix = chunk_prefix(mid, key.digest)
-                        if await backend.head(data_path(prefix)) is None:
+                        path = data_path(mid, key.digest, key.num_tokens)
+                        if await backend.head(path) is None:
                             break
-                        keep.update(m.key for m in [m async for m in backend.list(prefix)] if "/tails/" not in m.key)
+                        keep.add(path)
                         if key.num_tokens < CHUNK:
-                            keep.add(f"{tails_prefix(mid, key.parent)}{key.num_tokens}")
+                            keep.add(tail_marker_path(mid, key.parent, key.num_tokens))
             await backend.close()
             return keep
 

@@ -15,7 +15,7 @@ import torch
 import kvstore
 from kvstore.formats.hf import LayerFeedTimeout, cache_from_kv, cache_layers, kv_from_cache, streaming_cache
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import DATA_NAME, chunk_prefix, data_path
+from kvstore.formats.layout import data_path, parse_chunk_object
 from kvstore.formats.shard import parse_head
 
 transformers = pytest.importorskip("transformers")
@@ -177,7 +177,8 @@ def _fail_later_layer_reads(store: kvstore.KVStore, error: Exception) -> None:
     """Make every read of a chunk's layers after layer 0 raise ``error`` (layer 0 reads normally)."""
 
     async def fail(key: str, start: int) -> None:
-        if key.endswith(DATA_NAME) and start > 0:
+        parsed = parse_chunk_object(key)
+        if parsed is not None and parsed.kind == "data" and start > 0:
             raise error
 
     _before_reads(store, fail)
@@ -210,7 +211,7 @@ async def test_a_streamed_hit_equals_the_whole_load_and_a_recompute() -> None:
 def _data_object(spec: kvstore.ModelSpec, prompt: list[int], chunk: int) -> str:
     """The stored path of ``chunk``'s data object (chunks of 8 tokens)."""
     key = chunk_keys(spec, normalize_tokens(prompt), 8)[chunk]
-    return data_path(chunk_prefix(model_id(spec), key.digest))
+    return data_path(model_id(spec), key.digest, key.num_tokens)
 
 
 async def _damage_layer(store: kvstore.KVStore, path: str, num_layers: int, layer: int) -> None:

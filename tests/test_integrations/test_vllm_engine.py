@@ -110,7 +110,13 @@ def _damage_one_object(root: Path) -> Path:
 
     layers = SHAPE["num_hidden_layers"]
     victims = []
-    for path in sorted((root / "chunks").rglob("c.0.0.0.0.0")):
+    from kvstore.formats.layout import parse_chunk_object
+
+    def is_data(path: Path) -> bool:
+        parsed = parse_chunk_object(path.relative_to(root).as_posix())
+        return parsed is not None and parsed.kind == "data"
+
+    for path in sorted(p for p in (root / "chunks").rglob("*") if p.is_file() and is_data(p)):
         data = bytearray(path.read_bytes())
         head = parse_head(bytes(data), layers, len(data))
         if head.header.index != 1:

@@ -17,7 +17,7 @@ from _scrape import exposition, samples, value
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.metrics import StoreCollector
 from kvstore.storage import open_object_store
 from kvstore.storage.instrumented import LATENCY_BUCKETS, OPERATIONS
@@ -34,7 +34,7 @@ def _kv(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 async def _damage_chunk(url: str, options: dict[str, Any] | None, tokens: list[int], chunk: int) -> None:
     """Flip a bit of the chunk's last layer (the end of its data object): its checksum no longer matches."""
     key = chunk_keys(SPEC, normalize_tokens(tokens), CT)[chunk]
-    path = data_path(chunk_prefix(model_id(SPEC), key.digest))
+    path = data_path(model_id(SPEC), key.digest, key.num_tokens)
     raw = await open_object_store(url, options)
     try:
         data = bytearray(await raw.get(path))

@@ -12,7 +12,7 @@ import pytest
 import kvstore
 from kvstore.errors import CircuitOpenError, ObjectNotFoundError, StorePermissionError, StoreUnavailableError
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.storage import LocalObjectStore, ObjectMeta, ObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.testing.faultproxy import FaultProxy
@@ -301,7 +301,7 @@ async def test_a_load_deadline_returns_what_is_complete(
     async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=policy) as store:
         await store.save_prefix(spec, tokens, kv)
         key = chunk_keys(spec, normalize_tokens(tokens), 16)[1]
-        path = s3_store_url.url.removeprefix("s3://") + "/" + data_path(chunk_prefix(model_id(spec), key.digest))
+        path = s3_store_url.url.removeprefix("s3://") + "/" + data_path(model_id(spec), key.digest, key.num_tokens)
         proxy.inject("stall", 1, match=f"GET /{path} ")  # the second chunk's data object never arrives
         t0 = time.monotonic()
         hit = await store.load_prefix(spec, tokens, timeout=0.5)

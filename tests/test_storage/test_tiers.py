@@ -15,8 +15,9 @@ import kvstore
 from kvstore.errors import InvalidInputError, ObjectNotFoundError
 from kvstore.formats.layout import (
     ROOT_RECORD,
-    chunk_prefix,
+    data_path,
     is_cacheable,
+    metadata_path,
     model_record_path,
     retirement_record_path,
     tails_prefix,
@@ -28,8 +29,7 @@ from kvstore.storage.tiers import TieredObjectStore
 
 CHUNK = 16
 MID = bytes(range(16))
-CHUNK_DIR = chunk_prefix(MID, bytes(32))
-DATA_KEY = f"{CHUNK_DIR}c.0.0.0.0.0"  # a chunk's data object: cacheable in every format version
+DATA_KEY = data_path(MID, bytes(32), CHUNK)  # a chunk's data object: cacheable in every format version
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -145,8 +145,9 @@ RECORDS = [
 
 def test_only_chunk_data_is_cacheable() -> None:
     assert is_cacheable(DATA_KEY)
-    assert is_cacheable(f"{CHUNK_DIR}zarr.json")
-    for key in [*RECORDS, "c.0.0.0.0.0", f"{CHUNK_DIR}c.0.0.0.0", f"{CHUNK_DIR}c.x.0.0.0.0"]:
+    assert is_cacheable(metadata_path(MID, CHUNK))
+    array = DATA_KEY.rsplit("/c/", 1)[0]
+    for key in [*RECORDS, "c/0/0/0/0/0/1/2/3/4", f"{array}/c/0/0/0/0/1/2/3/4", f"{array}/c/0/0/0/0/0/x/2/3/4"]:
         assert not is_cacheable(key), key
 
 
@@ -169,7 +170,7 @@ async def test_a_record_changed_or_deleted_at_the_source_is_seen_at_once(tmp_pat
 
 
 def _key(name: str) -> str:
-    return f"{chunk_prefix(MID, name.encode().ljust(32, b'.'))}c.0.0.0.0.0"
+    return data_path(MID, name.encode().ljust(32, b"."), CHUNK)
 
 
 async def test_disk_tier_evicts_the_least_recently_used_copies_to_stay_within_its_budget(tmp_path: Path) -> None:
@@ -387,7 +388,7 @@ async def test_disk_tier_in_front_of_s3_serves_a_new_process_and_never_a_wrong_t
     assert stats.source_bytes < payload // 4  # only records went to S3
 
     # A damaged cache copy is caught by the checksums: never a wrong tensor.
-    data_files = sorted(p for p in cache.rglob("c.0.0.0.0.0") if p.is_file())
+    data_files = sorted(p for p in cache.rglob("*") if p.is_file() and "/c/0/0/0/0/0/" in p.as_posix())
     assert len(data_files) == 3
     for path in data_files:
         data = bytearray(path.read_bytes())

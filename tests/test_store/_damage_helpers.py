@@ -16,7 +16,7 @@ import torch
 
 import kvstore
 from kvstore.formats.keys import ChunkKey, chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.formats.shard import ShardHead, encode_head, parse_head
 from kvstore.storage import ObjectStore, open_object_store
 
@@ -59,9 +59,9 @@ def assert_kv_equal(actual: Sequence[LayerKV], expected: Sequence[LayerKV], num_
 
 
 def chunks_of(spec: kvstore.ModelSpec, tokens: Sequence[int], ct: int = CT) -> list[tuple[ChunkKey, str]]:
-    """(key, object prefix) of every chunk of ``tokens``, tail included."""
+    """(key, data object path) of every chunk of ``tokens``, tail included."""
     mid = model_id(spec)
-    return [(k, chunk_prefix(mid, k.digest)) for k in chunk_keys(spec, normalize_tokens(tokens), ct)]
+    return [(k, data_path(mid, k.digest, k.num_tokens)) for k in chunk_keys(spec, normalize_tokens(tokens), ct)]
 
 
 @contextlib.asynccontextmanager
@@ -79,18 +79,18 @@ async def listing(url: str) -> dict[str, int]:
         return {m.key: m.size async for m in backend.list("")}
 
 
-async def read_data(backend: ObjectStore, prefix: str, spec: kvstore.ModelSpec = SPEC) -> tuple[bytes, ShardHead]:
+async def read_data(backend: ObjectStore, path: str, spec: kvstore.ModelSpec = SPEC) -> tuple[bytes, ShardHead]:
     """A chunk's data object and its parsed index and header."""
-    data = await backend.get(data_path(prefix))
+    data = await backend.get(path)
     return data, parse_head(data, spec.num_layers, len(data))
 
 
-async def rewrite_header(backend: ObjectStore, prefix: str, spec: kvstore.ModelSpec = SPEC, **changes: object) -> None:
+async def rewrite_header(backend: ObjectStore, path: str, spec: kvstore.ModelSpec = SPEC, **changes: object) -> None:
     """Re-encode a chunk's header with some fields changed, index and checksums made consistent (a lying header)."""
-    data, head = await read_data(backend, prefix, spec)
+    data, head = await read_data(backend, path, spec)
     header = dataclasses.replace(head.header, **changes)  # type: ignore[arg-type]
     layers = [data[s.offset : s.end] for s in head.spans]
-    await backend.put(data_path(prefix), encode_head(header, [len(x) for x in layers]) + b"".join(layers))
+    await backend.put(path, encode_head(header, [len(x) for x in layers]) + b"".join(layers))
 
 
 def flip(data: bytes, pos: int) -> bytes:
@@ -104,7 +104,6 @@ __all__ = [
     "SPEC",
     "assert_kv_equal",
     "chunks_of",
-    "data_path",
     "flip",
     "listing",
     "make_kv",

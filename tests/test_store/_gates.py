@@ -16,7 +16,7 @@ from typing import Any
 
 from kvstore.access import ACCESS_FLUSH_TASK
 from kvstore.errors import StoreUnavailableError
-from kvstore.formats.layout import DATA_NAME
+from kvstore.formats.layout import parse_chunk_object
 from kvstore.formats.shard import parse_head
 from kvstore.storage import ObjectStore
 
@@ -52,7 +52,8 @@ def make_gated(base: type) -> type:
             self.changed = asyncio.Event()  # set whenever a GET arrives at a gate
 
         async def _gate(self, key: str, start: int) -> None:
-            if not key.endswith("/" + DATA_NAME):
+            parsed = parse_chunk_object(key)
+            if parsed is None or parsed.kind != "data":
                 return
             layer = layer_of(await self.inner.get(key), start) if start else 0
             self.order.append(layer)

@@ -12,6 +12,7 @@ import torch
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, normalize_tokens
+from kvstore.formats.layout import parse_chunk_object
 from kvstore.storage import LocalObjectStore, open_object_store
 
 CT = 16
@@ -49,7 +50,7 @@ def _distinct_chunks(spec: Spec, prompts: list[tuple[list[int], KV]]) -> set[byt
 async def _committed_chunks(store_url: tuple[str, Any]) -> int:
     backend = await open_object_store(*store_url)
     try:
-        return len([m async for m in backend.list("chunks/") if m.key.endswith("/c.0.0.0.0.0")])
+        return len([m async for m in backend.list("chunks/") if (o := parse_chunk_object(m.key)) and o.kind == "data"])
     finally:
         await backend.close()
 
@@ -206,36 +207,17 @@ async def test_listing_models_respects_max_concurrency(
     assert after.requests_list - before.requests_list == backend.calls["list"]
 
 
-async def test_a_writer_that_loses_the_race_leaves_the_winners_zarr_json(
-    tmp_path: Path,
-    make_spec: Callable[..., kvstore.ModelSpec],
-    make_kv: Callable[..., KV],
-    counting_store: Callable[..., Any],
+async def test_the_store_codec_is_fixed_at_creation(
+    tmp_path: Path, make_spec: Callable[..., kvstore.ModelSpec], make_kv: Callable[..., KV]
 ) -> None:
-    """Two writers with different codecs: the loser's zarr.json may land after the winner's; it must not stay."""
-    from kvstore.formats.keys import model_id
-    from kvstore.formats.layout import DATA_NAME, ZARR_JSON, chunk_prefix, zarr_array_metadata
-    from kvstore.storage import ObjectMeta
-
-    spec = make_spec(num_layers=3)
-    prompt = list(range(CT))
-    kv = make_kv(spec, len(prompt))
-    winner = kvstore.KVStore(LocalObjectStore(tmp_path / "kv"), kvstore.StoreOptions(chunk_tokens=CT, codec="lz4"))
-    await winner.save_prefix(spec, prompt, kv)
-
-    class SawNothing(counting_store(LocalObjectStore(tmp_path / "kv")).__class__):  # type: ignore[misc]
-        """HEADs that ran before the winner committed: every data object absent."""
-
-        async def head(self, key: str) -> ObjectMeta | None:
-            return None if key.endswith(DATA_NAME) else await super().head(key)
-
-    loser = kvstore.KVStore(
-        SawNothing(LocalObjectStore(tmp_path / "kv")), kvstore.StoreOptions(chunk_tokens=CT, codec="none")
-    )
-    res = await loser.save_prefix(spec, prompt, kv)
-    assert res.chunks_written == 0  # the create-only PUT lost
-    key = chunk_keys(spec, normalize_tokens(prompt), CT)[0]
-    meta = (tmp_path / "kv" / (chunk_prefix(model_id(spec), key.digest) + ZARR_JSON)).read_bytes()
-    assert meta == zarr_array_metadata(spec, CT, "lz4")
-    await winner.close()
-    await loser.close()
+    """Every chunk of a store has the store's codec: the one its arrays' shared zarr.json names."""
+    url = str(tmp_path / "kv")
+    spec = make_spec(num_layers=2)
+    async with kvstore.open(url, codec="lz4", chunk_tokens=CT) as store:
+        await store.save_prefix(spec, list(range(CT)), make_kv(spec, CT))
+    async with kvstore.open(url) as store:  # None: the store's
+        assert store.options.codec == "lz4"
+        assert (await store.load_prefix(spec, list(range(CT)))).num_tokens == CT
+    with pytest.raises(kvstore.StoreConfigError, match="codec='lz4'"):
+        async with kvstore.open(url, codec="none"):
+            pass

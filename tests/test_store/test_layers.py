@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _damage_helpers import chunks_of, data_path, flip, raw_store, read_data
+from _damage_helpers import chunks_of, flip, raw_store, read_data
 from _gates import GATE_TIMEOUT, only_this_task, wait_held
 
 import kvstore
@@ -303,7 +303,7 @@ async def test_damage_found_mid_stream_shrinks_num_tokens(
     async with raw_store(url) if store_url[1] is None else _raw(store_url) as raw:
         data, head = await read_data(raw, prefix, spec)
         span = head.spans[damaged_layer]
-        await raw.put(data_path(prefix), flip(data, (span.offset + span.end) // 2))
+        await raw.put(prefix, flip(data, (span.offset + span.end) // 2))
     backend: Any = None
 
     def wrap(inner: ObjectStore) -> ObjectStore:
@@ -311,7 +311,7 @@ async def test_damage_found_mid_stream_shrinks_num_tokens(
         backend = gated_store(inner, gated=[1])  # layer 0 comes before the damage in layer 2 is seen
         return backend  # type: ignore[no-any-return]
 
-    store = await _store(store_url, wrap)
+    store = await _store(store_url, wrap, codec=codec)
     try:
         layers = store.load_prefix_layers(spec, tokens)
         got: KV = []

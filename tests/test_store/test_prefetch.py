@@ -17,6 +17,7 @@ from _gates import only_this_task, wait_held
 import kvstore
 from kvstore.errors import StoreUnavailableError
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
+from kvstore.formats.layout import data_path
 from kvstore.prefetch import prefetch_key
 from kvstore.storage import open_object_store
 
@@ -329,13 +330,14 @@ async def test_a_deadline_while_joined_returns_what_is_complete_and_leaves_the_p
     tokens, kv = _prompt(0), make_kv(spec, N_TOKENS)
     await _save(store_url, spec, [(tokens, kv)])
     last = chunk_keys(spec, normalize_tokens(tokens), CT)[-1]
+    last_path = data_path(model_id(spec), last.digest, last.num_tokens)
     backend, store = await _open(store_url, gated_store)
     hold = asyncio.Event()
     read = backend.get, backend.get_range, backend.get_range_into, backend.get_planned
 
     def held(call: Any) -> Any:  # the reads of the last chunk (the tail) wait until the test lets them go
         async def wrapper(key: str, *args: Any, **kwargs: Any) -> Any:
-            if last.hex in key:
+            if key.endswith(last_path):
                 await hold.wait()
             return await call(key, *args, **kwargs)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 
 import kvstore
 from kvstore.formats.keys import chunk_keys, normalize_tokens
+from kvstore.formats.layout import parse_chunk_object
 from kvstore.storage import open_object_store
 
 CT = 16  # chunk_tokens of every store in this module
@@ -27,6 +28,11 @@ def _open(store_url: tuple[str, Any], **kwargs: Any) -> Any:
     url, options = store_url
     kwargs.setdefault("chunk_tokens", CT)
     return kvstore.open(url, storage_options=options, **kwargs)
+
+
+def _is_data(key: str) -> bool:
+    parsed = parse_chunk_object(key)
+    return parsed is not None and parsed.kind == "data"
 
 
 async def _objects(store_url: tuple[str, Any], prefix: str = "") -> dict[str, int]:
@@ -81,15 +87,18 @@ async def test_roundtrip_is_bit_exact(
     assert (hit.num_tokens, hit.chunks_loaded, hit.chunks_damaged) == (40, 3, 0)
     assert hit.hit
     assert_kv_equal(hit.kv, kv)
-    data_objects = {k: n for k, n in (await _objects(store_url, "chunks/")).items() if k.endswith("/c.0.0.0.0.0")}
+    data_objects = {k: n for k, n in (await _objects(store_url, "chunks/")).items() if _is_data(k)}
     assert len(data_objects) == 3  # one per chunk
     assert hit.bytes_read == sum(data_objects.values())
     if codec == "none":  # the KV bytes, plus per chunk an index, a header and a crc32c per layer
         assert 0 < hit.bytes_read - 40 * spec.bytes_per_token < 3 * 2048
 
-    # Chunks are content-addressed: a store using another codec reads them and does not rewrite them.
+    # The codec is the store's: opening adopts it, asking for another is refused.
     other = CODECS[(CODECS.index(codec) + 1) % len(CODECS)]
-    async with _open(store_url, codec=other) as store:
+    with pytest.raises(kvstore.StoreConfigError, match="codec"):
+        async with _open(store_url, codec=other):
+            pass
+    async with _open(store_url, codec=None) as store:
         again = await store.load_prefix(spec, tokens)
         assert (await store.save_prefix(spec, tokens, kv)).chunks_written == 0
     assert again.num_tokens == 40
@@ -189,14 +198,14 @@ async def test_dedup_counts(
     make_kv: Callable[..., KV],
 ) -> None:
     spec = make_spec(num_layers=3)
-    per_chunk = 2  # zarr.json and the data object
+    per_chunk = 1  # the data object; the array's zarr.json once per open store
     prompt = list(range(3 * CT))
     longer = [*prompt, *range(500, 500 + 2 * CT)]
     kv = make_kv(spec, len(longer))
     async with _open(store_url) as store:
         first = await store.save_prefix(spec, prompt, [(k[:48], v[:48]) for k, v in kv])
         assert (first.num_tokens, first.chunks_written, first.chunks_skipped) == (48, 3, 0)
-        assert first.objects_written == 3 * per_chunk
+        assert first.objects_written == 3 * per_chunk + 1
         stored = await _objects(store_url, "chunks/")
         assert len(stored) == first.objects_written
         assert first.bytes_written == sum(stored.values())
@@ -236,13 +245,13 @@ async def test_objects_per_chunk_and_reads_per_chunk(
         before = store.stats()
         await store.save_prefix(spec, prompt, kv)
         saved = store.stats()
-        # one HEAD per chunk, then 2 objects per chunk: zarr.json and the data object
+        # one HEAD per chunk, then 1 object per chunk: the data object (the array's zarr.json came with the warm-up)
         assert _stats_delta(before, saved) == {
             "saves": 1,
             "chunks_written": chunks,
             "bytes_written": saved.bytes_written - before.bytes_written,
             "requests_head": chunks,
-            "requests_put": chunks * 2,
+            "requests_put": chunks,
         }
         hit = await store.load_prefix(spec, prompt)
         loaded = store.stats()
@@ -261,13 +270,8 @@ async def test_objects_per_chunk_and_reads_per_chunk(
             "load_chunks_hit": chunks,
         }
 
-    per_chunk: dict[str, set[str]] = defaultdict(set)
-    for key in await _objects(store_url, "chunks/"):
-        parts = key.split("/")
-        per_chunk["/".join(parts[:5])].add("/".join(parts[5:]))
-    assert len(per_chunk) == chunks + 1  # with the warm-up chunk
-    for names in per_chunk.values():
-        assert names == {"zarr.json", "c.0.0.0.0.0"}
+    kinds = Counter(o.kind for key in await _objects(store_url, "chunks/") if (o := parse_chunk_object(key)))
+    assert kinds == {"data": chunks + 1, "metadata": 1}  # with the warm-up chunk; one array: one zarr.json
 
 
 @pytest.mark.parametrize(

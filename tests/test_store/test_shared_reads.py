@@ -18,7 +18,7 @@ from _gates import make_gated, wait_held
 import kvstore
 from kvstore.fetching import SharedReads
 from kvstore.formats.keys import chunk_keys, model_id, normalize_tokens
-from kvstore.formats.layout import chunk_prefix, data_path
+from kvstore.formats.layout import data_path
 from kvstore.formats.shard import parse_head
 from kvstore.storage import open_object_store
 
@@ -131,7 +131,7 @@ async def test_damage_seen_by_the_owner_is_seen_by_followers(
         store_url, make_spec, make_kv, counting_store, repair=False
     )
     key = chunk_keys(spec, normalize_tokens(a), CT)[1]
-    damaged = data_path(chunk_prefix(model_id(spec), key.digest))
+    damaged = data_path(model_id(spec), key.digest, key.num_tokens)
     data = await backend.inner.get(damaged)
     span = parse_head(data, LAYERS, len(data)).spans[1]
     await backend.inner.put(damaged, data[: span.offset] + b"\0" * span.nbytes + data[span.end :])

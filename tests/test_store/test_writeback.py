@@ -26,7 +26,7 @@ class GatedPuts(ObjectStore):
         self.puts = 0
 
     async def _pass(self, key: str) -> None:
-        if "/c." in key:
+        if "/c/" in key:  # a data object
             await self.gate.wait()
             if self.fail:
                 raise StoreUnavailableError(f"injected failure on {key}")
