@@ -393,6 +393,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transport", choices=("botocore", "crt"), default="botocore", help="kvstore's S3 transport (storage option)"
     )
     ap.add_argument("--backends", default="local,s3", help="comma-separated: local, s3")
+    ap.add_argument(
+        "--unsigned-payload",
+        action="store_true",
+        help="kvstore sends UNSIGNED-PAYLOAD over plain HTTP, as LMCache's connector does (default: bodies signed)",
+    )
     ap.add_argument("--lmcache-python", default="/work/lmvenv/bin/python", help="the Python of LMCache's venv")
     ap.add_argument("--dir", default=None, help="parent directory of the local stores (default: /tmp)")
     ap.add_argument("--child", nargs=2, metavar=("OPTS", "OUT"), help=argparse.SUPPRESS)
@@ -454,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
             kv_res["local"] = asyncio.run(run_kvstore("local", args.reps, local_where, local_cleanup))
         if server is not None:
             base, so = fresh_store(server, transport=args.transport)
+            if args.unsigned_payload:
+                so["config_kwargs"] = {"s3": {"payload_signing_enabled": False}}
             bucket = base.removeprefix("s3://").split("/", 1)[0]
             tag = uuid.uuid4().hex[:8]
 
