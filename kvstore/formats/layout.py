@@ -33,6 +33,7 @@ __all__ = [
     "KEY_GRID",
     "MODELS_DIR",
     "ROOT_RECORD",
+    "SHARD_GRID",
     "TAILS_DIR",
     "ZARR_JSON",
     "ChunkObject",
@@ -59,7 +60,7 @@ TAILS_DIR = "tails"
 KEY_GRID = (256, 256, 1 << 52, 1 << 52)
 """Sizes of the key dimensions (``key_coords``); below 2^53 every coordinate is exact as a float64 (zarr-python)."""
 DIMENSION_NAMES = ("layer", "kv", "token", "head", "dim", "key0", "key1", "key2", "key3")
-_SHARD_GRID = "c/0/0/0/0/0/"  # zarr's default chunk key prefix of a shard: it spans the five KV dimensions whole
+SHARD_GRID = "c/0/0/0/0/0/"  # zarr's default chunk key prefix of a shard: it spans the five KV dimensions whole
 _MAX_TOKENS = 1 << 24
 
 
@@ -98,7 +99,7 @@ def key_coords(key: bytes) -> tuple[int, int, int, int]:
 
 def data_path(model_id: bytes, key: bytes, num_tokens: int) -> str:
     """Path of a chunk's data object: zarr's default chunk key of its shard in the array of its length."""
-    return f"{array_prefix(model_id, num_tokens)}{_SHARD_GRID}{'/'.join(map(str, key_coords(key)))}"
+    return f"{array_prefix(model_id, num_tokens)}{SHARD_GRID}{'/'.join(map(str, key_coords(key)))}"
 
 
 def is_cacheable(key: str) -> bool:
@@ -174,7 +175,7 @@ def parse_chunk_object(key: str) -> ChunkObject | None:
         return None
     if len(parts) == 4:
         return ChunkObject(mid, "metadata", n) if parts[3] == ZARR_JSON else None
-    if len(parts) != 13 or "/".join(parts[3:9]) + "/" != _SHARD_GRID:
+    if len(parts) != 13 or "/".join(parts[3:9]) + "/" != SHARD_GRID:
         return None
     coords = tuple(_decimal(p, bound) for p, bound in zip(parts[9:], KEY_GRID, strict=True))
     if None in coords:

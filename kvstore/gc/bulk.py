@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from kvstore._tasks import run_all, task_group
 from kvstore.errors import KVStoreError
-from kvstore.formats.layout import TAILS_DIR, ZARR_JSON, array_prefix, data_path, key_coords, parse_chunk_object
+from kvstore.formats.layout import SHARD_GRID, TAILS_DIR, ZARR_JSON, parse_chunk_object
 from kvstore.storage import LocalObjectStore, ObjectMeta, ObjectStore
 from kvstore.storage.base import translate_errors
 from kvstore.storage.s3_batch import MAX_DELETE_BATCH, DeleteFailure
@@ -50,8 +50,7 @@ MODEL_SPLIT_FACTOR = 16
 """A model's arrays and tail markers are sampled only from ``MODEL_SPLIT_FACTOR * split_min`` objects on:
 a small model is listed whole, without requests per array of it."""
 
-_M, _K = bytes(16), bytes(32)
-_SHARD_CHAIN = tuple(data_path(_M, _K, 1)[len(array_prefix(_M, 1)) :].split("/")[: -len(key_coords(_K))])
+_SHARD_CHAIN = tuple(SHARD_GRID.strip("/").split("/"))
 """The levels between an array's prefix and its key fan-out ``<k0>/``: ``c/0/0/0/0/0/``."""
 
 
