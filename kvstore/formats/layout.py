@@ -38,6 +38,7 @@ __all__ = [
     "ZARR_JSON",
     "ChunkObject",
     "array_prefix",
+    "chunk_model_id",
     "data_path",
     "is_cacheable",
     "key_coords",
@@ -157,6 +158,12 @@ def _decimal(text: str, bound: int) -> int | None:
 
 def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def chunk_model_id(key: str) -> str:
+    """The model id (hex) of a key under ``chunks/<mid>/``, whether it follows the layout or not; else ""."""
+    parts = key.split("/", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == CHUNKS_DIR and _is_hex(parts[1], 32) else ""
 
 
 def parse_chunk_object(key: str) -> ChunkObject | None:

@@ -45,7 +45,7 @@ from kvstore.errors import (
 )
 from kvstore.formats.codecs import get_codec
 from kvstore.formats.keys import key_root
-from kvstore.formats.layout import CHUNKS_DIR, ChunkObject, key_coords, parse_chunk_object
+from kvstore.formats.layout import CHUNKS_DIR, ChunkObject, chunk_model_id, key_coords, parse_chunk_object
 from kvstore.gc.access_log import collect_access, read_access_log
 from kvstore.gc.bulk import BulkOps, Partition, list_partition, open_bulk_ops, plan_partitions
 from kvstore.gc.checkpoint import Checkpoint, MarkedPartition, encode_mark
@@ -75,7 +75,6 @@ those fresh objects (docs/FORMAT.md, "Garbage collection").
 
 _TAIL_MIX = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
-_HEX = frozenset("0123456789abcdef")
 
 
 def _prefix64(digest: bytes) -> int:
@@ -94,14 +93,6 @@ def _sig(bits64: int, num_tokens: int) -> int:
     """What the mark records of a data object (``_fold`` of its coordinates) or of a tail marker (its parent's
     key prefix), with the token count."""
     return (bits64 ^ (num_tokens * _TAIL_MIX)) & _U64
-
-
-def chunk_model_id(key: str) -> str:
-    """The model id (hex) of a key under ``chunks/<mid>/``, whether it follows the layout or not; else ""."""
-    parts = key.split("/", 2)
-    if len(parts) == 3 and parts[0] == CHUNKS_DIR and len(parts[1]) == 32 and _HEX.issuperset(parts[1]):
-        return parts[1]
-    return ""
 
 
 def _contains(sorted_arr: np.ndarray, value: int) -> bool:

@@ -18,9 +18,8 @@ from typing import Any
 from kvstore._tasks import task_group
 from kvstore.errors import FormatVersionError, IntegrityError, ObjectNotFoundError, StoreConfigError
 from kvstore.formats.access import ACCESS_DIR, parse_access_key
-from kvstore.formats.layout import parse_chunk_object
+from kvstore.formats.layout import chunk_model_id, parse_chunk_object
 from kvstore.formats.shard import CRC_BYTES
-from kvstore.gc.marksweep import chunk_model_id
 from kvstore.gc.report import GCProgress
 from kvstore.opening import NAMESPACES_DIR
 from kvstore.reading import read_head
