@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
+U = TypeVar("U")
 
-__all__ = ["run_all", "task_group"]
+__all__ = ["both", "run_all", "task_group"]
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -34,6 +35,13 @@ async def run_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
         first = next((e for e in leaves if not isinstance(e, asyncio.CancelledError)), leaves[0])
         raise first from group
     return [t.result() for t in tasks]
+
+
+async def both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """``run_all`` of two awaitables of different types: both results, or the first real error (the other cancelled)."""
+    async with task_group() as tg:
+        a, b = tg.create_task(_as_coro(first)), tg.create_task(_as_coro(second))
+    return a.result(), b.result()
 
 
 async def _as_coro(aw: Awaitable[T]) -> T:

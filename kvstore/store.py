@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 
-from kvstore._tasks import run_all
+from kvstore._tasks import both, run_all
 from kvstore._workers import in_worker
 from kvstore.access import DEFAULT_FLUSH_INTERVAL, AccessRecorder
 from kvstore.errors import (
@@ -297,8 +297,10 @@ class KVStore:
         if not keys:
             return SaveResult(0, 0, 0, 0, 0)
         mid = model_id(spec)
-        await self._ensure_model_record(spec, mid)
-        first_gap, seen = await self._requests.find_first_missing([self._data_key(mid, k) for k in keys])
+        # The two reads go out together: is the model retired, and how much of the chain is stored.
+        _, (first_gap, seen) = await both(
+            self._check_live(spec, mid), self._requests.find_first_missing([self._data_key(mid, k) for k in keys])
+        )
         # Chunks after the first missing one are rewritten, not skipped: while the chain had a gap
         # they were unreachable, and rewriting refreshes their mtime so a concurrent GC's grace
         # period protects them (see "Garbage collection" in docs/FORMAT.md). Those not HEADed
@@ -306,13 +308,17 @@ class KVStore:
         missing = keys[first_gap:]
         written: list[tuple[int, int]] = []
         arrays: list[int] = []
-        if missing:
+        if not missing:
+            await self._ensure_model_record(spec, mid)
+        else:
             base = missing[0].start  # copy only what is written, not the prefix already stored
             async with self._stagings.for_kv(kv).transfers() as transfers:
-                host = await transfers.to_host(kv, base)
+                # The records every data object needs first (model record, array metadata) are written
+                # while the KV is copied to host memory.
+                host, arrays = await both(
+                    transfers.to_host(kv, base), self._ensure_records(spec, mid, {k.num_tokens for k in missing})
+                )
                 views = [(byte_view(k), byte_view(v)) for k, v in host]  # once per save, sliced per chunk
-                lengths = sorted({k.num_tokens for k in missing})
-                arrays = await run_all(self._ensure_array(spec, mid, n) for n in lengths)
                 written = await run_all(
                     self._write_chunk(spec, mid, key, views, base, present=_presence(seen, first_gap + i))
                     for i, key in enumerate(missing)
@@ -337,8 +343,15 @@ class KVStore:
     def _data_key(mid: bytes, key: ChunkKey) -> str:
         return data_path(mid, key.digest, key.num_tokens)
 
+    async def _ensure_records(self, spec: ModelSpec, mid: bytes, lengths: set[int]) -> list[int]:
+        """The model record and each ``lengths`` array's ``zarr.json``, concurrently: bytes written per array."""
+        _, written = await both(
+            self._ensure_model_record(spec, mid), run_all(self._ensure_array(spec, mid, n) for n in sorted(lengths))
+        )
+        return written
+
     async def _ensure_model_record(self, spec: ModelSpec, mid: bytes) -> None:
-        await self._check_live(spec, mid)
+        """Write the model's record once per open store (create-only: every writer's is the same)."""
         if mid in self._known_models:
             return
         await self._requests.put(model_record_path(mid), ModelRecord(mid, spec).to_msgpack(), create_only=True)

@@ -97,6 +97,23 @@ async def test_save_under_retired_version_is_refused(
             await writer.save_prefix(spec, PROMPT[:8], kv)
 
 
+async def test_a_refused_save_under_a_retired_version_writes_nothing(
+    store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
+) -> None:
+    """The retirement check goes out with the chain's HEADs; nothing is written before both answered."""
+    url, opts = store_url
+    spec = make_spec(version="v1")
+    kv = make_kv(spec, len(PROMPT))
+    await _save(url, opts, spec, PROMPT[:8], [(k[:8], v[:8]) for k, v in kv])
+    async with kvstore.open(url, storage_options=opts) as store:
+        await store.retire("tiny", "v1")
+    before = await snapshot(url, opts)
+    async with kvstore.open(url, storage_options=opts, chunk_tokens=CHUNK) as fresh:  # new chunks, a new tail
+        with pytest.raises(kvstore.ModelRetiredError):
+            await fresh.save_prefix(spec, PROMPT, kv)
+    assert await snapshot(url, opts) == before
+
+
 async def test_dry_run_deletes_nothing_and_predicts_the_real_run(
     store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
 ) -> None:

@@ -9,6 +9,7 @@ works with S3-compatible servers that refuse botocore's aws-chunked uploads
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import time
 from collections.abc import Callable
@@ -84,6 +85,15 @@ async def test_a_failing_request_is_sent_exactly_attempts_times(
         await backend.close()
 
 
+async def _quiet(proxy: FaultProxy, *, still: float = 0.3, limit: float = 10.0) -> None:
+    """Wait until no request has reached ``proxy`` for ``still`` seconds."""
+    deadline = time.monotonic() + limit
+    seen = -1
+    while proxy.stats.requests != seen and time.monotonic() < deadline:
+        seen = proxy.stats.requests
+        await asyncio.sleep(still)
+
+
 async def test_a_save_and_a_load_under_503s_send_attempts_per_request(
     proxy: FaultProxy, s3_store_url: Any, make_spec: Callable[..., Any], make_kv: Callable[..., Any]
 ) -> None:
@@ -92,8 +102,11 @@ async def test_a_save_and_a_load_under_503s_send_attempts_per_request(
     options = _via(proxy, s3_store_url)
     async with kvstore.open(s3_store_url.url, storage_options=options, chunk_tokens=16, retry=POLICY) as store:
         sent, error = await _fails_after(proxy, lambda: store.save_prefix(spec, tokens, make_kv(spec, 16)))
-        assert sent == ATTEMPTS  # the save stops at its first request that fails for good
+        # The save's first round is two reads at once (the retirement record, the chain's one HEAD): each is
+        # sent at most `attempts` times, and the save stops when one fails for good (the other is cancelled).
+        assert ATTEMPTS <= sent <= 2 * ATTEMPTS
         assert error.code in ("SlowDown", "503")
+        await _quiet(proxy)  # the cancelled read's request may still be on its way to the proxy
         started = time.monotonic()
         proxy.inject("status", 1000, status=503)
         before = proxy.stats.requests
