@@ -18,7 +18,7 @@ from fsspec.implementations.memory import MemoryFile
 
 from kvstore.errors import InvalidInputError
 from kvstore.storage.base import ObjectMeta, ObjectStore
-from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs, uses_https
+from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs, client_kwargs, uses_https
 from kvstore.storage.translation import http_answer, translate_errors
 
 __all__ = ["TRANSPORTS", "TRANSPORT_OPTION", "FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
@@ -207,7 +207,7 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
 
     For ``s3://`` the botocore client gets kvstore's defaults (see
     ``kvstore.storage.s3_settings``): checksums only where required, no
-    retries below kvstore's own, unsigned bodies over HTTPS.
+    retries below kvstore's own, unsigned bodies over HTTPS, no SSL context over plain HTTP.
     """
     protocol, _, _ = url.partition("://")
     cls = fsspec.get_filesystem_class(protocol)
@@ -226,6 +226,7 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
             options.setdefault("max_concurrency", 1)  # s3fs otherwise HEADs before every GET
     if s3:
         options["config_kwargs"] = botocore_config_kwargs(options.get("config_kwargs"), https=uses_https(options))
+        options["client_kwargs"] = client_kwargs(options)
     try:
         fs = cls(**options)
     except TypeError as exc:  # an option the filesystem does not take

@@ -23,6 +23,7 @@ from kvstore.errors import InvalidInputError, StorageError, StorePermissionError
 from kvstore.storage.base import ObjectMeta
 from kvstore.storage.resilient import RetryPolicy
 from kvstore.storage.s3_settings import botocore_config_kwargs, uses_https
+from kvstore.storage.s3_settings import client_kwargs as s3_client_kwargs
 from kvstore.storage.translation import translate_error, translate_errors
 
 __all__ = ["MAX_DELETE_BATCH", "DeleteFailure", "S3BatchClient"]
@@ -80,7 +81,7 @@ class S3BatchClient:
 
     def _client_args(self) -> tuple[dict[str, Any], dict[str, Any]]:
         o = self._options
-        client_kwargs = dict(o.get("client_kwargs") or {})
+        client_kwargs = s3_client_kwargs(o)
         session_args = {
             name: value
             for name, value in (

@@ -22,6 +22,11 @@ Three defaults differ from botocore's, each unless the user sets it (in
   protects the bytes in transit and kvstore checks every layer's crc32c when it reads. Over
   plain HTTP bodies stay signed: there the signature is the only thing that stops a
   man in the middle from changing what is stored.
+
+One more applies to plain-HTTP endpoints only: **no SSL context** (``client_kwargs["verify"] = False``
+unless set). There is no TLS to verify, but aiobotocore still builds a context and loads the CA
+bundle on a client's first request, on the event loop's thread: 19-45 ms before a new store's
+first HEAD (measured on moto), which every request then queued behind.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["S3FS_RETRIES", "botocore_config_kwargs", "uses_https"]
+__all__ = ["S3FS_RETRIES", "botocore_config_kwargs", "client_kwargs", "uses_https"]
 
 S3FS_RETRIES = 1
 """s3fs's own tries per request (its default is 5): one, since kvstore retries."""
@@ -66,3 +71,11 @@ def uses_https(storage_options: Mapping[str, Any]) -> bool:
     if endpoint:
         return str(endpoint).lower().startswith("https://")
     return bool(storage_options.get("use_ssl", client_kwargs.get("use_ssl", True)))
+
+
+def client_kwargs(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """s3fs's ``client_kwargs``: the user's, plus ``verify=False`` where nothing talks TLS (module docstring)."""
+    kwargs = dict(storage_options.get("client_kwargs") or {})
+    if not uses_https(storage_options):
+        kwargs.setdefault("verify", False)
+    return kwargs

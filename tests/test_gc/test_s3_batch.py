@@ -73,6 +73,6 @@ def test_client_settings_come_from_storage_options() -> None:
     assert (client.bucket, client.root) == ("bucket", "some/root/")
     session, args = client._client_args()
     assert session == {"aws_access_key_id": "k", "aws_secret_access_key": "s"}
-    assert args == {"endpoint_url": "http://e", "region_name": "eu-west-1"}
+    assert args == {"endpoint_url": "http://e", "region_name": "eu-west-1", "verify": False}  # no TLS: no context
     with pytest.raises(kvstore.InvalidInputError):
         S3BatchClient("memory://x")

@@ -23,7 +23,7 @@ from kvstore.storage import ObjectStore, open_object_store
 from kvstore.storage.fsspec_store import S3ObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.s3_batch import S3BatchClient
-from kvstore.storage.s3_settings import botocore_config_kwargs, uses_https
+from kvstore.storage.s3_settings import botocore_config_kwargs, client_kwargs, uses_https
 from kvstore.testing.faultproxy import FaultProxy
 from kvstore.testing.s3servers import S3Server
 
@@ -158,6 +158,15 @@ def test_bodies_are_unsigned_over_https_only_and_the_users_setting_wins() -> Non
     assert path_style == {"s3": {"addressing_style": "path"}}  # the user's dict is not changed
     signed = {"s3": {"payload_signing_enabled": True}}
     assert botocore_config_kwargs(signed, https=True)["s3"] == {"payload_signing_enabled": True}
+
+
+def test_plain_http_clients_build_no_ssl_context_and_the_users_setting_wins() -> None:
+    http = {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"region_name": "eu-west-1"}}
+    assert client_kwargs(http) == {"region_name": "eu-west-1", "verify": False}
+    assert http["client_kwargs"] == {"region_name": "eu-west-1"}  # the user's dict is not changed
+    assert client_kwargs({}) == {}  # AWS's HTTPS endpoint: verified as botocore does
+    assert client_kwargs({"endpoint_url": "https://s3.example.com"}) == {}
+    assert client_kwargs({"use_ssl": False, "client_kwargs": {"verify": "/ca.pem"}}) == {"verify": "/ca.pem"}
 
 
 async def _put_body_hashes(url: str, options: dict[str, Any]) -> list[str]:
