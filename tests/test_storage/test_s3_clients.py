@@ -78,7 +78,8 @@ async def test_a_failing_request_is_sent_exactly_attempts_times(
             sent, error = await _fails_after(proxy, request)
             assert sent == ATTEMPTS, f"{name}: {sent} requests for {ATTEMPTS} attempts"
             assert error.status == 503, name
-            assert error.code == ("503" if name == "head" else "SlowDown"), name  # a HEAD's answer has no body
+            # A HEAD's answer has no body: botocore names the error by its status, crt calls every 503 SlowDown.
+            assert error.code == ("503" if name == "head" and transport == "botocore" else "SlowDown"), name
         assert await backend.get("present") == b"v"  # nothing was deleted or overwritten
         assert await backend.head("new") is None
     finally:

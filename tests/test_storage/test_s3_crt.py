@@ -1,6 +1,6 @@
 """The awscrt transport (``storage_options={"transport": "crt"}``) against moto and Ceph RGW.
 
-Object bytes (GET, ranged GET, PUT) travel through awscrt; HEAD, listings and
+Object bytes (GET, ranged GET, PUT) and HEADs travel through awscrt; listings and
 deletes stay on s3fs. The store contract (the conformance suite), the request
 count under failures, faults on the wire, signing and TLS are checked here;
 tenants' permissions on RGW in tests/test_store/test_iam_rgw.py.
@@ -20,6 +20,7 @@ import pytest
 import kvstore
 from kvstore.errors import InvalidInputError, StorePermissionError, StoreUnavailableError
 from kvstore.storage import ObjectStore, open_object_store
+from kvstore.storage.fsspec_store import S3ObjectStore
 from kvstore.storage.resilient import ResilientObjectStore, RetryPolicy
 from kvstore.storage.s3_crt import CrtS3ObjectStore, _Guard, _PartsStream
 from kvstore.storage.translation import http_answer, translate_error
@@ -59,6 +60,23 @@ class TestCrtConformance(test_conformance.TestObjectStoreConformance):
     async def test_the_store_is_the_crt_one(self, store: ObjectStore) -> None:
         assert isinstance(store, CrtS3ObjectStore)
         assert store.crt.sign_bodies  # plain HTTP: bodies in the signature
+
+    async def test_heads_go_through_crt_and_say_what_botocore_says(
+        self, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        assert isinstance(store, CrtS3ObjectStore)
+        await store.put("dir/obj", b"v" * 1234)
+        via_botocore = await S3ObjectStore.head(store, "dir/obj")
+
+        async def no_botocore(*_: Any, **__: Any) -> Any:
+            raise AssertionError("a HEAD went through s3fs")
+
+        monkeypatch.setattr(store.fs, "_call_s3", no_botocore)
+        assert await store.head("dir/obj") == via_botocore
+        assert via_botocore is not None
+        assert (via_botocore.size, via_botocore.mtime is not None) == (1234, True)
+        assert await store.head("dir/missing") is None
+        assert await store.head("dir") is None  # a "directory" is no object
 
 
 # ---------------------------------------------------------------------- one retry layer, faults
