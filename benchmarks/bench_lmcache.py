@@ -31,8 +31,16 @@ are GB/s of KV (1 GB = 1e9 bytes), medians of ``--reps`` after one untimed warm-
 - kvstore: ``save_prefix`` / ``load_prefix`` with default options (checksums on, ``max_concurrency``
   32, ``chunk_tokens`` 256), a fresh store for each save, page cache warm for loads, as bench_store.py.
 
-Both run against the same moto server (kvstore.testing's, in a process of its own). LMCache runs in a
-child process with its own venv (``--lmcache-python``); this script itself runs in kvstore's venv.
+Each library has a moto server of its own (kvstore.testing's, each in a process of its own), so neither
+server holds the other's objects or connections. LMCache runs in a child process with its own venv
+(``--lmcache-python``), driven one repetition at a time; this script itself runs in kvstore's venv.
+The two libraries' repetitions of an operation alternate (LMCache's first in even repetitions,
+kvstore's first in odd ones: kv LM | LM kv | kv LM ...): moto slows and speeds up by 20 % and more
+within minutes on a shared machine, and two blocks of repetitions run one after the other measured that
+drift as much as the libraries (the same code gave kvstore / LMCache 0.74-1.02x from one run to the
+next). Either library runs slower right after the other than right after itself (kvstore's S3 save
+by 30-50 %, LMCache's store by 10-20 %, with separate servers too: the cause is on the client machine,
+not found); the report splits the medians by order.
 Building that venv (CPU only; LMCache's CUDA dependencies, cupy / cuda-python / nixl, are not needed
 for these two backends):
 
@@ -226,79 +234,122 @@ class LMCacheBench:
         return self.copy_out(self.remote.batched_get_blocking(keys))
 
 
-def run_lmcache(opts: dict[str, Any]) -> dict[str, Any]:
-    # The copies in and out (128 KiB each) on one thread: torch's OpenMP pool of 2 spins at every small
-    # parallel copy, and with LMCache's I/O threads on 2 CPUs that made them up to 50x slower, erratically.
-    torch.set_num_threads(1)
-    reps: int = opts["reps"]
-    _, kv = make_kv()
-    bench = LMCacheBench(opts.get("disk_dir"), opts.get("s3_host"), opts["key"], opts["secret"], opts["region"])
-    res: dict[str, Any] = {"nbytes": nbytes(kv)}
+class LMCacheSteps:
+    """One LMCache repetition per call, so that the parent can interleave them with kvstore's."""
 
-    def repeat(label: str, run: Callable[[int], Any]) -> tuple[list[float], list[float]]:
-        """Seconds of ``reps`` repetitions of ``run(rep)`` after a warm-up (rep -1), with and without the copy."""
-        total, bare = [], []
-        for rep in range(-1, reps):
-            t0 = time.perf_counter()
-            out = run(rep)
-            dt = time.perf_counter() - t0
-            del out
-            log(f"LMCache {label} {dt:.3f} s (copy {bench.last_copy:.3f} s)")
-            if rep >= 0:
-                total.append(dt)
-                bare.append(dt - bench.last_copy)
-        return total, bare
+    def __init__(self, opts: dict[str, Any]) -> None:
+        # The copies in and out (128 KiB each) on one thread: torch's OpenMP pool of 2 spins at every small
+        # parallel copy, and with LMCache's I/O threads on 2 CPUs that made them up to 50x slower, erratically.
+        torch.set_num_threads(1)
+        _, self.kv = make_kv()
+        self.bench = LMCacheBench(
+            opts.get("disk_dir"), opts.get("s3_host"), opts["key"], opts["secret"], opts["region"]
+        )
+        self.reps: int = opts["reps"]
 
-    if bench.disk is not None:
-        disk = bench.disk
+    def hello(self) -> dict[str, Any]:
+        import lmcache
 
-        def disk_store(rep: int) -> None:
-            for key in bench.keys(rep) if rep >= 0 else []:  # the previous repetition's files: each writes new ones
-                disk.remove(key)
-            os.sync()
-            bench.disk_store(kv, bench.keys(rep + 1))
+        return {"nbytes": nbytes(self.kv), "version": getattr(lmcache, "__version__", "?"), "torch": torch.__version__}
 
-        store, store_bare = repeat("local disk store", disk_store)
-        keys = bench.keys(reps)
-        if not same(bench.disk_retrieve(keys), kv):
-            raise SystemExit("LMCache's local disk returned other KV")
-        retrieve, retrieve_bare = repeat("local disk retrieve", lambda _rep: bench.disk_retrieve(keys))
-        res["local"] = {
-            "store": store,
-            "retrieve": retrieve,
-            "store-nocopy": store_bare,
-            "retrieve-nocopy": retrieve_bare,
-        }
-    if bench.remote is not None:
-        keys = bench.keys(0)  # the same keys: each store overwrites the 64 objects
-        store, store_bare = repeat("S3 store", lambda _rep: bench.s3_store(kv, keys))
-        if not same(bench.s3_retrieve(keys), kv):
-            raise SystemExit("LMCache's S3 backend returned other KV")
-        retrieve, retrieve_bare = repeat("S3 retrieve", lambda _rep: bench.s3_retrieve(keys))
-        res["s3"] = {"store": store, "retrieve": retrieve, "store-nocopy": store_bare, "retrieve-nocopy": retrieve_bare}
-    import lmcache
-
-    res["version"] = getattr(lmcache, "__version__", "?")
-    res["torch"] = torch.__version__
-    return res
+    def step(self, backend: str, op: str, rep: int) -> dict[str, Any]:
+        """Repetition ``rep`` (-1: the warm-up) of ``op`` on ``backend``: seconds, and those of the copy in/out."""
+        bench = self.bench
+        if backend == "local":
+            if op == "store":  # the previous repetition's files go first: each store writes new ones
+                for key in bench.keys(rep) if rep >= 0 else []:
+                    bench.disk.remove(key)
+                os.sync()
+                run: Callable[[], Any] = lambda: bench.disk_store(self.kv, bench.keys(rep + 1))  # noqa: E731
+            else:
+                run = lambda: bench.disk_retrieve(bench.keys(self.reps))  # noqa: E731 - the last store's keys
+        elif op == "store":  # the same keys each time: each store overwrites the 64 objects
+            run = lambda: bench.s3_store(self.kv, bench.keys(0))  # noqa: E731
+        else:
+            run = lambda: bench.s3_retrieve(bench.keys(0))  # noqa: E731
+        t0 = time.perf_counter()
+        out = run()
+        dt = time.perf_counter() - t0
+        if op == "retrieve" and rep < 0 and not same(out, self.kv):
+            raise SystemExit(f"LMCache's {backend} backend returned other KV")
+        del out
+        log(f"LMCache {backend} {op} {dt:.3f} s (copy {bench.last_copy:.3f} s)")
+        return {"seconds": dt, "copy": bench.last_copy}
 
 
-def child_main(opts_json: str, out_path: str) -> None:
-    res = run_lmcache(json.loads(opts_json))
-    with open(out_path, "w") as f:
-        json.dump(res, f)
-    sys.stdout.flush()
+def child_main(opts_json: str) -> None:
+    """Answer the parent's steps, one JSON line each, on the stdout it was started with (libraries print to stderr)."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    steps = LMCacheSteps(json.loads(opts_json))
+    answers.write(json.dumps(steps.hello()) + "\n")
+    for line in sys.stdin:
+        ask = json.loads(line)
+        if ask["op"] == "exit":
+            break
+        answers.write(json.dumps(steps.step(ask["backend"], ask["op"], ask["rep"])) + "\n")
+    answers.flush()
     sys.stderr.flush()
     os._exit(0)  # LMCache's executors and the CRT's threads need not be shut down one by one
+
+
+class LMCacheChild:
+    """The LMCache process (its own venv), driven one step at a time."""
+
+    def __init__(self, python: str, opts: dict[str, Any]) -> None:
+        env = dict(os.environ, LMCACHE_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen(
+            [python, os.path.abspath(__file__), "--child", json.dumps(opts)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.info = self._answer()
+        self.results: dict[str, dict[str, list[float]]] = {}
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the LMCache process ended (exit status {self.proc.wait()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def step(self, backend: str, op: str, rep: int) -> None:
+        """One repetition; repetitions >= 0 are recorded with and without their copy in/out."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, "backend": backend, "rep": rep}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        if rep >= 0:
+            res = self.results.setdefault(backend, {})
+            res.setdefault(op, []).append(answer["seconds"])
+            res.setdefault(f"{op}-nocopy", []).append(answer["seconds"] - answer["copy"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
 
 
 # ---------------------------------------------------------------------- kvstore (parent, kvstore's venv)
 
 
-async def run_kvstore(backend: str, reps: int, where: Any, cleanup: Any) -> dict[str, list[float]]:
+async def run_kvstore(
+    backend: str, reps: int, where: Any, cleanup: Any, lmcache: LMCacheChild
+) -> dict[str, list[float]]:
+    """kvstore's repetitions, each beside LMCache's of the same operation: LMCache's first in even ones, second in
+    odd ones, so that a server or machine that drifts during the run weighs on both alike."""
     from bench_store import check, make_payload
 
     import kvstore
+
+    def paired(op: str, rep: int, first: bool) -> None:
+        if first == (rep % 2 == 0):
+            lmcache.step(backend, op, rep)
 
     p = make_payload("small-head", False)
     opts: dict[str, Any] = {"max_concurrency": 32, "verify": True, "chunk_tokens": CHUNK}
@@ -309,23 +360,27 @@ async def run_kvstore(backend: str, reps: int, where: Any, cleanup: Any) -> dict
             cleanup(url, so)  # the previous repetition's store: each save writes into a fresh one
         os.sync()
         url, so = where(f"save-{rep + 1}")
+        paired("store", rep, True)
         async with kvstore.open(url, storage_options=so, **opts) as store:
             t0 = time.perf_counter()
             res = await store.save_prefix(p.spec, p.tokens, p.kv)
             dt = time.perf_counter() - t0
             assert res.chunks_written == p.chunks, res
         log(f"kvstore {backend} save {dt:.3f} s")
+        paired("store", rep, False)
         if rep >= 0:
             save.append(dt)
     load: list[float] = []
     async with kvstore.open(url, storage_options=so, **opts) as store:
         check(p, await store.load_prefix(p.spec, p.tokens))
         for rep in range(-1, reps):
+            paired("retrieve", rep, True)
             t0 = time.perf_counter()
             hit = await store.load_prefix(p.spec, p.tokens)
             dt = time.perf_counter() - t0
             del hit
             log(f"kvstore {backend} load {dt:.3f} s")
+            paired("retrieve", rep, False)
             if rep >= 0:
                 load.append(dt)
     cleanup(url, so)
@@ -383,6 +438,16 @@ def report(n: int, lm: dict[str, Any], kv: dict[str, dict[str, list[float]]], ar
                 f"| {names[backend]} | {op} / {kv_op} | {fmt(n, a)} | {fmt(n, b)} | {ratio} | {fmt(n, bare)} |"
                 f" {f'{ref:.3f}' if ref else '-'} |"
             )
+    print("\nBy order in the pair (even repetitions: LMCache's ran first; odd ones: kvstore's), GB/s medians:")
+    for backend in ("local", "s3"):
+        for op in ("store", "retrieve"):
+            a, b = lm.get(backend, {}).get(op), kv.get(backend, {}).get(op)
+            if a and b:
+                print(
+                    f"  {names[backend]} {op}: kvstore {rate(n, b[1::2]) if b[1::2] else 0:.2f} first,"
+                    f" {rate(n, b[0::2]):.2f} second; LMCache {rate(n, a[0::2]):.2f} first,"
+                    f" {rate(n, a[1::2]) if a[1::2] else 0:.2f} second"
+                )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs")
 
 
@@ -400,14 +465,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--lmcache-python", default="/work/lmvenv/bin/python", help="the Python of LMCache's venv")
     ap.add_argument("--dir", default=None, help="parent directory of the local stores (default: /tmp)")
-    ap.add_argument("--child", nargs=2, metavar=("OPTS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", metavar="OPTS", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        child_main(*args.child)
+        child_main(args.child)
         return
     import asyncio
     import contextlib
@@ -426,28 +491,19 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         server = stack.enter_context(s3_server("moto")) if "s3" in backends else None
+        # LMCache's objects on a moto of their own: each library's server holds only its own objects and connections.
+        lm_server = stack.enter_context(s3_server("moto")) if "s3" in backends else None
         opts: dict[str, Any] = {"reps": args.reps, "key": "", "secret": "", "region": "us-east-1"}
         if "local" in backends:
             opts["disk_dir"] = os.path.join(workdir, "lmcache-disk")
-        if server is not None:
+        if server is not None and lm_server is not None:
             client = server.client()
-            client.create_bucket(Bucket=LMCACHE_BUCKET)
-            port = server.endpoint.rsplit(":", 1)[1]
-            opts.update(s3_host=f"127.1:{port}", key=server.key, secret=server.secret, region=server.region)
-        out_path = os.path.join(workdir, "lmcache.json")
-        env = dict(os.environ, LMCACHE_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+            lm_server.client().create_bucket(Bucket=LMCACHE_BUCKET)
+            port = lm_server.endpoint.rsplit(":", 1)[1]
+            opts.update(s3_host=f"127.1:{port}", key=lm_server.key, secret=lm_server.secret, region=lm_server.region)
         log(f"LMCache in {args.lmcache_python}")
-        subprocess.run(
-            [args.lmcache_python, os.path.abspath(__file__), "--child", json.dumps(opts), out_path],
-            check=True,
-            env=env,
-            timeout=3600,
-        )
-        with open(out_path) as f:
-            lm_res = json.load(f)
-        if server is not None:  # LMCache's objects out of moto's memory before kvstore's run
-            for obj in client.list_objects_v2(Bucket=LMCACHE_BUCKET).get("Contents", []):
-                client.delete_object(Bucket=LMCACHE_BUCKET, Key=obj["Key"])
+        lmcache = LMCacheChild(args.lmcache_python, opts)
+        stack.callback(lmcache.close)
         if "local" in backends:
 
             def local_where(name: str) -> tuple[str, None]:
@@ -456,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             def local_cleanup(url: str, so: object) -> None:
                 shutil.rmtree(url, ignore_errors=True)
 
-            kv_res["local"] = asyncio.run(run_kvstore("local", args.reps, local_where, local_cleanup))
+            kv_res["local"] = asyncio.run(run_kvstore("local", args.reps, local_where, local_cleanup, lmcache))
         if server is not None:
             base, so = fresh_store(server, transport=args.transport)
             if args.unsigned_payload:
@@ -474,8 +530,9 @@ def main(argv: list[str] | None = None) -> None:
                     for obj in page.get("Contents", []):
                         client.delete_object(Bucket=bucket, Key=obj["Key"])
 
-            kv_res["s3"] = asyncio.run(run_kvstore("s3", args.reps, s3_where, s3_cleanup))
+            kv_res["s3"] = asyncio.run(run_kvstore("s3", args.reps, s3_where, s3_cleanup, lmcache))
             client.close()
+        lm_res = {**lmcache.info, **lmcache.results}
     if lm_res["nbytes"] != n:
         raise SystemExit(f"LMCache moved {lm_res['nbytes']} bytes per store, kvstore {n}")
     report(n, lm_res, kv_res, args)

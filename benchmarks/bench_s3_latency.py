@@ -13,7 +13,10 @@ seconds to every request. In one run it prints, as medians over ``--reps``:
   through the same proxy with the same concurrency (plain aioboto3, no checks,
   no copies);
 - a one-request-at-a-time loader (GET one object after the other), measured
-  on ``--serial-chunks`` chunks and scaled to the whole prompt.
+  on ``--serial-chunks`` chunks and scaled to the whole prompt;
+- ``save_prefix(wait=False)``'s return and upload times, and the first save (one
+  chunk) of a store opened just before: how many round trips of latency a new
+  process's first save waits for.
 
 The ratios say how much of the object store's latency kvstore hides. moto
 serves only a few hundred requests per second on this machine, which bounds
@@ -132,6 +135,17 @@ async def run(args: argparse.Namespace) -> None:
             saves = [await background_save(rep) for rep in range(args.reps)]
             returned, uploaded = _median([r for r, _ in saves]), _median([u for _, u in saves])
 
+        async def first_save(rep: int) -> float:
+            """A one-chunk prompt saved by a store opened just before (a new process's first save): its
+            setup requests (retirement check, chain HEADs, model record, zarr.json) are round trips too."""
+            fresh = f"{url}-fresh-{rep}"
+            async with kvstore.open(fresh, storage_options=options, chunk_tokens=args.chunk_tokens) as new:
+                t = time.perf_counter()
+                await new.save_prefix(spec, tokens[: args.chunk_tokens], [(k[: args.chunk_tokens],) * 2 for k, _ in kv])
+                return time.perf_counter() - t
+
+        first_saves = [await first_save(rep) for rep in range(max(args.reps, 5))]
+
         mid = model_id(spec)
         keys = [
             "kv/" + data_path(mid, k.digest, k.num_tokens)
@@ -166,6 +180,11 @@ async def run(args: argparse.Namespace) -> None:
         print(
             f"\nsave_prefix(wait=False): returns in {returned * 1e3:.0f} ms, upload done after {uploaded:.2f} s "
             f"({returned / uploaded:.1%} of it; medians of {args.reps})"
+        )
+        first = _median(first_saves)
+        print(
+            f"first save of a new open store (1 chunk): {first * 1e3:.0f} ms, {first / args.latency:.1f}x the"
+            f" added latency (median of {len(first_saves)})"
         )
         print(f"proxy: {proxy.stats.requests} requests")
     finally:
