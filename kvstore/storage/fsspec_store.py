@@ -18,7 +18,13 @@ from fsspec.implementations.memory import MemoryFile
 
 from kvstore.errors import InvalidInputError
 from kvstore.storage.base import ObjectMeta, ObjectStore
-from kvstore.storage.s3_settings import S3FS_RETRIES, botocore_config_kwargs, client_kwargs, uses_https
+from kvstore.storage.s3_settings import (
+    S3FS_RETRIES,
+    botocore_config_kwargs,
+    client_kwargs,
+    session_with_shared_loader,
+    uses_https,
+)
 from kvstore.storage.translation import http_answer, translate_errors
 
 __all__ = ["TRANSPORTS", "TRANSPORT_OPTION", "FsspecObjectStore", "S3ObjectStore", "open_fsspec"]
@@ -207,7 +213,8 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
 
     For ``s3://`` the botocore client gets kvstore's defaults (see
     ``kvstore.storage.s3_settings``): checksums only where required, no
-    retries below kvstore's own, unsigned bodies over HTTPS, no SSL context over plain HTTP.
+    retries below kvstore's own, unsigned bodies over HTTPS, no SSL context over plain HTTP, and
+    botocore's parsed service models shared by every store of the process.
     """
     protocol, _, _ = url.partition("://")
     cls = fsspec.get_filesystem_class(protocol)
@@ -233,6 +240,8 @@ async def open_fsspec(url: str, storage_options: dict[str, Any] | None = None) -
         raise InvalidInputError(f"cannot open {url!r} with these storage options: {exc}") from exc
     if s3:
         fs.retries = S3FS_RETRIES
+        if fs.session is None:  # (a session the caller passed in is used as it is)
+            fs.session = session_with_shared_loader(fs.kwargs)
     with translate_errors(url, "", "open"):
         if getattr(fs, "async_impl", False) and hasattr(fs, "set_session"):
             await fs.set_session()

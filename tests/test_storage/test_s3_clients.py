@@ -170,6 +170,33 @@ def test_plain_http_clients_build_no_ssl_context_and_the_users_setting_wins() ->
     assert client_kwargs({"use_ssl": False, "client_kwargs": {"verify": "/ca.pem"}}) == {"verify": "/ca.pem"}
 
 
+async def test_every_store_shares_one_parsed_service_model_and_a_callers_session_is_kept(s3_store_url: Any) -> None:
+    """botocore parses the S3 model's JSON per session (280 ms on the loop); kvstore's sessions share one loader."""
+    from aiobotocore.session import AioSession
+
+    first = await open_object_store(s3_store_url.url, s3_store_url.storage_options)
+    second = await open_object_store(f"{s3_store_url.url}/other", s3_store_url.storage_options)
+    own = AioSession()
+    theirs = await open_object_store(s3_store_url.url, {**s3_store_url.storage_options, "session": own})
+    try:
+        assert isinstance(first, S3ObjectStore)
+        assert isinstance(second, S3ObjectStore)
+        assert isinstance(theirs, S3ObjectStore)
+        loader = first.fs.session.get_component("data_loader")
+        assert second.fs.session is not first.fs.session  # credentials and settings stay per store
+        assert second.fs.session.get_component("data_loader") is loader
+        assert theirs.fs.session is own  # the caller's session as it is
+        await first.put("k", b"v")  # each client works with the shared loader
+        await second.put("k", b"w")
+        assert (await first.get("k"), await second.get("k")) == (b"v", b"w")
+        meta = await theirs.head("k")
+        assert meta is not None
+        assert meta.size == 1
+    finally:
+        for store in (first, second, theirs):
+            await store.close()
+
+
 async def _put_body_hashes(url: str, options: dict[str, Any]) -> list[str]:
     """The ``X-Amz-Content-SHA256`` header of each PUT a default kvstore S3 backend sends (as on the wire)."""
     backend = await open_object_store(url, options)
