@@ -15,14 +15,15 @@ are GB/s of KV (1 GB = 1e9 bytes), medians of ``--reps`` after one untimed warm-
   the copy out into freshly allocated per-layer K/V tensors + release of the ``MemoryObj``.
   Page cache warm; the previous store's files are deleted and ``os.sync()`` is called (untimed) before
   each store, as bench_store.py does for kvstore.
-- LMCache S3 (moto): its ``RemoteBackend`` with ``remote_url="s3://..."`` (the ``S3Connector``, on
-  awscrt, its defaults: 64 I/O threads, naive serde), ``save_chunk_meta=False``; store =
-  ``submit_put_task`` of each chunk until every PUT completed; retrieve = ``batched_get_blocking``
+- LMCache S3 (``--server moto`` or ``rgw``): its ``RemoteBackend`` with ``remote_url="s3://..."`` (the
+  ``S3Connector``, on awscrt, its defaults: 64 I/O threads, naive serde), ``save_chunk_meta=False``;
+  store = ``submit_put_task`` of each chunk until every PUT completed; retrieve = ``batched_get_blocking``
   (all GETs at once) + copy out. The connector caches object sizes from its own PUTs, so the retrieve
   sends no HEAD (as in the process that stored the chunks). LMCache's S3Connector only speaks
-  virtual-host style (the Host header is ``<bucket>.<endpoint>``, no endpoint override) and moto takes
-  ``127.0.0.1`` as path style, so the bucket is called ``127`` and the host ``127.1:<port>`` (the short
-  spelling of 127.0.0.1 that getaddrinfo accepts; moto reads the bucket from its first label).
+  virtual-host style (the Host header is ``<bucket>.<endpoint>``, the request path ``/<key>``), which
+  neither server here can route on 127.0.0.1; the child process prefixes its request paths with
+  ``/<bucket>`` (path style) and gives it ``127.0.0.1:<port>`` as the endpoint. The requests are
+  otherwise LMCache's own (RGW checks their signatures).
 - The copies in and out are torch ``copy_`` of each layer's 128 KiB slice of a chunk, on one thread
   (``torch.set_num_threads(1)`` in LMCache's process: with torch's pool of 2 threads, every small copy
   is an OpenMP parallel region, and with LMCache's I/O threads on 2 CPUs they ran up to 50x slower,
@@ -37,7 +38,9 @@ are GB/s of KV (1 GB = 1e9 bytes), medians of ``--reps`` after one untimed warm-
   ``bench_s3_latency.py``'s to measure.)
 
 Each library has a moto server of its own (kvstore.testing's, each in a process of its own), so neither
-server holds the other's objects or connections. LMCache runs in a child process with its own venv
+server holds the other's objects or connections; with ``--server rgw`` (Ceph's RADOS Gateway, a real S3
+implementation in C++: one throw-away cluster, see ``kvstore.testing.rgw``) both use one gateway, each
+its own bucket. LMCache runs in a child process with its own venv
 (``--lmcache-python``), driven one repetition at a time; this script itself runs in kvstore's venv.
 The two libraries' repetitions of an operation alternate (LMCache's first in even repetitions,
 kvstore's first in odd ones: kv LM | LM kv | kv LM ...): moto slows and speeds up by 20 % and more
@@ -77,7 +80,7 @@ import torch
 GB = 1e9
 LAYERS, HEADS, DIM, TOKENS, CHUNK = 16, 4, 64, 16384, 256
 SEED = 0
-LMCACHE_BUCKET = "127"  # see the docstring: the host is "127.1:<port>", moto reads bucket "127"
+LMCACHE_BUCKET = "lmcache-bench"  # requested path style (see the docstring)
 # Issue 10 (another machine): LMCache 0.5.6 on this payload, GB/s (low end of the quoted ranges).
 ISSUE10 = {("local", "store"): None, ("local", "retrieve"): 3.5, ("s3", "store"): 0.113, ("s3", "retrieve"): 0.376}
 
@@ -173,6 +176,8 @@ class LMCacheBench:
         if s3_host is not None:
             from lmcache.v1.storage_backend.remote_backend import RemoteBackend
 
+            _path_style(LMCACHE_BUCKET)
+
             self.remote = RemoteBackend(self.config, self.metadata, self.loop, self.cpu, dst_device="cpu")
 
     def keys(self, rep: int) -> list[Any]:
@@ -236,6 +241,15 @@ class LMCacheBench:
 
     def s3_retrieve(self, keys: list[Any]) -> KV:
         return self.copy_out(self.remote.batched_get_blocking(keys))
+
+
+def _path_style(bucket: str) -> None:
+    """LMCache's S3Connector requests ``/<bucket>/<key>`` on the endpoint (path style) instead of ``/<key>`` on
+    ``<bucket>.<endpoint>``: the same requests, routable to a server on 127.0.0.1."""
+    from lmcache.v1.storage_backend.connector.s3_connector import S3Connector
+
+    flat = S3Connector._format_safe_path
+    S3Connector._format_safe_path = lambda self, key: f"/{bucket}{flat(self, key)}"  # type: ignore[method-assign]
 
 
 class LMCacheSteps:
@@ -427,7 +441,7 @@ def report(n: int, lm: dict[str, Any], kv: dict[str, dict[str, list[float]]], ar
     )
     print(
         f"LMCache {lm.get('version', '?')} (torch {lm.get('torch', '?')}, CPU) vs kvstore {kvstore.__version__}"
-        f" (torch {torch.__version__}; checksums on, max_concurrency 32, chunk_tokens 256); S3 server: moto;"
+        f" (torch {torch.__version__}; checksums on, max_concurrency 32, chunk_tokens 256); S3 server: {args.server};"
         f" {os.cpu_count()} CPUs\n"
     )
     print(
@@ -435,13 +449,13 @@ def report(n: int, lm: dict[str, Any], kv: dict[str, dict[str, list[float]]], ar
         " | LMCache without the copy in/out | LMCache in issue 10 |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    names = {"local": "local disk", "s3": "S3 (moto)"}
+    names = {"local": "local disk", "s3": f"S3 ({args.server})"}
     for backend in ("local", "s3"):
         for op in ("store", "retrieve"):
             a = lm.get(backend, {}).get(op)
             b = kv.get(backend, {}).get(op)
             ratio = f"{rate(n, b) / rate(n, a):.2f}" if a and b else "-"
-            ref = ISSUE10[(backend, op)]
+            ref = ISSUE10[(backend, op)] if backend == "local" or args.server == "moto" else None
             kv_op = {"store": "save_prefix", "retrieve": "load_prefix"}[op]
             bare = lm.get(backend, {}).get(f"{op}-nocopy")
             print(
@@ -468,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transport", choices=("botocore", "crt"), default="botocore", help="kvstore's S3 transport (storage option)"
     )
     ap.add_argument("--backends", default="local,s3", help="comma-separated: local, s3")
+    ap.add_argument(
+        "--server", choices=("moto", "rgw"), default="moto", help="the S3 server (default moto; see the docstring)"
+    )
     ap.add_argument(
         "--unsigned-payload",
         action="store_true",
@@ -500,17 +517,18 @@ def main(argv: list[str] | None = None) -> None:
     kv_res: dict[str, dict[str, list[float]]] = {}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
-        server = stack.enter_context(s3_server("moto")) if "s3" in backends else None
-        # LMCache's objects on a moto of their own: each library's server holds only its own objects and connections.
-        lm_server = stack.enter_context(s3_server("moto")) if "s3" in backends else None
+        server = stack.enter_context(s3_server(args.server)) if "s3" in backends else None
+        # LMCache's objects on a moto of its own: each library's server holds only its own objects and connections.
+        # (A RADOS Gateway is a Ceph cluster: one, a bucket each.)
+        lm_server = server if args.server == "rgw" else stack.enter_context(s3_server("moto")) if server else None
         opts: dict[str, Any] = {"reps": args.reps, "key": "", "secret": "", "region": "us-east-1"}
         if "local" in backends:
             opts["disk_dir"] = os.path.join(workdir, "lmcache-disk")
         if server is not None and lm_server is not None:
             client = server.client()
             lm_server.client().create_bucket(Bucket=LMCACHE_BUCKET)
-            port = lm_server.endpoint.rsplit(":", 1)[1]
-            opts.update(s3_host=f"127.1:{port}", key=lm_server.key, secret=lm_server.secret, region=lm_server.region)
+            host = lm_server.endpoint.removeprefix("http://")
+            opts.update(s3_host=host, key=lm_server.key, secret=lm_server.secret, region=lm_server.region)
         log(f"LMCache in {args.lmcache_python}")
         lmcache = LMCacheChild(args.lmcache_python, opts)
         stack.callback(lmcache.close)

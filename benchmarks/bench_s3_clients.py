@@ -24,6 +24,9 @@ own. aiobotocore runs twice: as kvstore configures it over HTTP (each body's
 SHA-256 in the signature) and with unsigned bodies (``UNSIGNED-PAYLOAD``, what
 kvstore sends over HTTPS and what awscrt sends here), which separates the cost of
 the hash from that of building requests in Python.
+awscrt runs three times: with 64 MiB parts (PUT_OBJECT / GET_OBJECT, one PUT per
+object), with its default 8 MiB parts, and sending each request as it is (``DEFAULT``,
+what kvstore's crt transport sends: crt then buffers a GET's whole body itself).
 Each row prints GB/s (or requests/s) and the client process's CPU seconds per GB
 (per 1,000 requests for small PUTs), medians, and the awscrt / aiobotocore ratio.
 """
@@ -104,6 +107,10 @@ class Crt:
     """awscrt's S3Client: requests made and signed in C, completed on its own event-loop threads."""
 
     name = "awscrt"
+    part_size = 64 << 20
+    """crt's buffer-pool block: one PUT per object below it (as kvstore's data objects), GETs in parts of it."""
+    kind: str | None = None
+    """The request type of PUTs and GETs (an ``S3RequestType`` name); None: PUT_OBJECT and GET_OBJECT."""
 
     def __init__(self, server: S3Server, concurrency: int) -> None:
         from awscrt import auth, io, s3
@@ -119,7 +126,7 @@ class Crt:
             region=server.region,
             tls_mode=s3.S3RequestTlsMode.DISABLED,
             credential_provider=self._credentials,
-            part_size=64 << 20,  # one PUT per object, as kvstore's data objects
+            part_size=self.part_size,
             multipart_upload_threshold=5 << 30,
         )
 
@@ -157,10 +164,11 @@ class Crt:
                 error = RuntimeError(f"{method} {key}: HTTP {code}")
             loop.call_soon_threadsafe(_settle, done, error)
 
-        kind = self._s3.S3RequestType.PUT_OBJECT if method == "PUT" else self._s3.S3RequestType.GET_OBJECT
+        kind = getattr(self._s3.S3RequestType, self.kind or f"{method}_OBJECT")
         self._s3.S3Request(
             client=self._client,
             type=kind,
+            operation_name={"PUT": "PutObject", "GET": "GetObject"}[method],
             request=request,
             credential_provider=self._credentials,
             region=self.server.region,
@@ -177,6 +185,20 @@ class Crt:
         parts: list[bytes] = []
         await self._request("GET", key, None, parts)
         return b"".join(parts)
+
+
+class CrtPooled(Crt):
+    """awscrt with its default 8 MiB parts: a GET of an object up to that size is one request into a pool block."""
+
+    name = "awscrt-8MiB-parts"
+    part_size = 8 << 20
+
+
+class CrtDefault(Crt):
+    """awscrt sending each request as it is (``DEFAULT``), as kvstore's crt transport does: crt buffers the body."""
+
+    name = "awscrt-DEFAULT"
+    kind = "DEFAULT"
 
 
 def _settle(done: asyncio.Future[Any], error: BaseException | None) -> None:
@@ -264,7 +286,7 @@ async def run(args: argparse.Namespace, server: S3Server) -> None:
     server.client().create_bucket(Bucket=BUCKET)
     body, small = os.urandom(args.size), os.urandom(1000)
     results = {}
-    for cls in (Botocore, UnsignedBotocore, Crt):
+    for cls in (Botocore, UnsignedBotocore, Crt, CrtPooled, CrtDefault):
         async with cls(server, args.concurrency) as client:
             results[client.name] = await measure(client, args, body, small)
     report(results, args, server.name)
