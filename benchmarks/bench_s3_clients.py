@@ -27,6 +27,7 @@ the hash from that of building requests in Python.
 awscrt runs three times: with 64 MiB parts (PUT_OBJECT / GET_OBJECT, one PUT per
 object), with its default 8 MiB parts, and sending each request as it is (``DEFAULT``,
 what kvstore's crt transport sends: crt then buffers a GET's whole body itself).
+The clients take turns within each repetition (the order rotated between repetitions).
 Each row prints GB/s (or requests/s) and the client process's CPU seconds per GB
 (per 1,000 requests for small PUTs), medians, and the awscrt / aiobotocore ratio.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import statistics
@@ -221,29 +223,40 @@ async def fan(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> None:
 
 
 async def measure(
-    client: Any, args: argparse.Namespace, body: bytes, small: bytes
-) -> dict[str, list[tuple[float, float]]]:
-    """Per operation: (wall seconds, client CPU seconds) of each repetition."""
+    clients: list[Any], args: argparse.Namespace, body: bytes, small: bytes
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per client and operation: (wall seconds, client CPU seconds) of each repetition.
+
+    The clients take turns within each repetition, in an order rotated from one repetition
+    to the next, so that a server or machine that drifts weighs on all of them alike.
+    """
     n = args.objects
-    ops: dict[str, Callable[[], Awaitable[None]]] = {
-        "PUT": lambda: fan([lambda i=i: client.put(f"{client.name}/o{i}", body) for i in range(n)], args.concurrency),
-        "GET": lambda: fan([lambda i=i: client.get(f"{client.name}/o{i}") for i in range(n)], args.concurrency),
-        "small PUT": lambda: fan(
-            [lambda i=i: client.put(f"{client.name}/s{i}", small) for i in range(n)], args.concurrency
-        ),
-    }
-    out: dict[str, list[tuple[float, float]]] = {}
-    for op, run in ops.items():
-        await run()  # warm-up (and, for GET, the objects it reads)
-        samples = []
-        for _ in range(args.reps):
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            await run()
-            samples.append((time.perf_counter() - t0, cpu_seconds() - c0))
-        out[op] = samples
-        print(f"  .. {client.name} {op}: " + ", ".join(f"{w:.3f} s" for w, _ in samples), flush=True)
-    got = await client.get(f"{client.name}/o0")
-    assert got == body, "GET returned other bytes than were PUT"
+
+    def ops(client: Any) -> dict[str, Callable[[], Awaitable[None]]]:
+        def fan_of(make: Callable[[int], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+            return lambda: fan([lambda i=i: make(i) for i in range(n)], args.concurrency)
+
+        return {
+            "PUT": fan_of(lambda i: client.put(f"{client.name}/o{i}", body)),
+            "GET": fan_of(lambda i: client.get(f"{client.name}/o{i}")),
+            "small PUT": fan_of(lambda i: client.put(f"{client.name}/s{i}", small)),
+        }
+
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {c.name: {} for c in clients}
+    for op in ("PUT", "GET", "small PUT"):
+        for client in clients:
+            await ops(client)[op]()  # warm-up (and, for GET, the objects it reads)
+        for rep in range(args.reps):
+            turn = clients[rep % len(clients) :] + clients[: rep % len(clients)]
+            for client in turn:
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                await ops(client)[op]()
+                out[client.name].setdefault(op, []).append((time.perf_counter() - t0, cpu_seconds() - c0))
+        for client in clients:
+            print(f"  .. {client.name} {op}: " + ", ".join(f"{w:.3f} s" for w, _ in out[client.name][op]), flush=True)
+    for client in clients:
+        got = await client.get(f"{client.name}/o0")
+        assert got == body, "GET returned other bytes than were PUT"
     return out
 
 
@@ -285,10 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(args: argparse.Namespace, server: S3Server) -> None:
     server.client().create_bucket(Bucket=BUCKET)
     body, small = os.urandom(args.size), os.urandom(1000)
-    results = {}
-    for cls in (Botocore, UnsignedBotocore, Crt, CrtPooled, CrtDefault):
-        async with cls(server, args.concurrency) as client:
-            results[client.name] = await measure(client, args, body, small)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(cls(server, args.concurrency))
+            for cls in (Botocore, UnsignedBotocore, Crt, CrtPooled, CrtDefault)
+        ]
+        results = await measure(clients, args, body, small)
     report(results, args, server.name)
 
 
