@@ -19,6 +19,10 @@ concurrency (``max_concurrency``), into freshly allocated tensors:
 - memory: ``MemoryFileSystem.pipe_file`` / ``cat_file`` + a copy into the destination tensors;
 - s3: raw aiobotocore ``put_object`` / ``get_object`` of one object per chunk + a copy into the tensors.
 
+kvstore's timed saves go to one store kept open, each under a new model version (every chunk, its
+model record and its ``zarr.json`` written), the previous version's chunks deleted between them,
+untimed; the loads open a store of their own.
+
 "floor+crc" is the same floor doing the integrity work kvstore does, and nothing else: the crc32c
 of every layer's K and V bytes (kvstore's own ``crc32c``), before the write of a chunk and after its
 read, in the same worker thread. Where checksums are memory-bound, no verified load can beat it:
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import statistics
@@ -49,7 +54,10 @@ import numpy as np
 import torch
 
 import kvstore
+from kvstore.formats.keys import model_id
+from kvstore.formats.layout import model_chunks_prefix
 from kvstore.formats.shard import crc32c
+from kvstore.storage.fsspec_store import TRANSPORT_OPTION
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _s3servers import add_transport_option
@@ -303,6 +311,31 @@ def check(p: Payload, hit: kvstore.LoadResult, n: int | None = None) -> None:
             raise SystemExit("loaded KV differs from the saved KV")
 
 
+def drop_model(url: str, storage_options: dict[str, Any] | None, spec: kvstore.ModelSpec) -> None:
+    """Delete a model version's chunks from the store at ``url`` (untimed, between repetitions)."""
+    options = {k: v for k, v in (storage_options or {}).items() if k != TRANSPORT_OPTION}  # kvstore's, not s3fs's
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    path = f"{root.rstrip('/')}/{model_chunks_prefix(model_id(spec))}".rstrip("/")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+async def save_floors(fl: Floor, p: Payload, backend: str, rep: int, s: float, c: float, row: Row) -> None:
+    """The raw write floors after kvstore's save of repetition ``rep`` (``s`` seconds, ``c`` CPU seconds)."""
+    fl.clear()
+    settle(backend)
+    f, _, _ = await timed(fl.put(p))
+    fl.clear()
+    settle(backend)
+    fc, _, _ = await timed(fl.put(p, crc=True))
+    if rep >= 0:
+        row.kv.append(s)
+        row.kv_cpu.append(c)
+        row.floor.append(f)
+        row.floor_crc.append(fc)
+    log(f"{p.name} {backend} save: kvstore {s:.3f} s, floor {f:.3f} s, floor+crc {fc:.3f} s")
+
+
 async def bench(
     p: Payload, backend: str, args: argparse.Namespace, where: Callable[[str], tuple[str, dict[str, Any] | None]]
 ) -> list[Row]:
@@ -311,31 +344,23 @@ async def bench(
     floor_root, floor_s3 = where("floor")
     s3 = (floor_root, floor_s3) if backend == "s3" and floor_s3 is not None else None
     async with Floor(backend, floor_root if backend != "s3" else uuid.uuid4().hex[:8], args.max_concurrency, s3) as fl:
-        url = ""
-        so: dict[str, Any] | None = None
-        for rep in range(-1, args.reps):  # rep -1: warm-up
-            if url and backend == "local":
-                shutil.rmtree(url, ignore_errors=True)  # the last repetition's store stays for the loads
-            settle(backend)
-            url, so = where(f"save-{rep + 1}")
-            async with kvstore.open(url, storage_options=so, **opts) as store:
+        # One store kept open, as a serving engine keeps it (the floor's client is made once too); each save is
+        # of a new model version, so every chunk is new and the save writes its model record and zarr.json too.
+        url, so = where("store")
+        spec = p.spec
+        async with kvstore.open(url, storage_options=so, **opts) as store:
+            for rep in range(-1, args.reps):  # rep -1: warm-up
+                if rep >= 0:  # the previous repetition's chunks: the store holds one save's at a time
+                    drop_model(url, so, spec)
+                spec = dataclasses.replace(p.spec, version=f"{p.spec.version}-{rep + 1}")
+                settle(backend)
                 before = store.stats()
-                s, c, res = await timed(store.save_prefix(p.spec, p.tokens, p.kv))
+                s, c, res = await timed(store.save_prefix(spec, p.tokens, p.kv))
                 assert res.chunks_written == p.chunks, res
                 objects = res.objects_written / p.chunks
                 rows["save"].requests = f"{per_chunk(before, store.stats(), p.chunks)} ({objects:.2f} objects)"
-            fl.clear()
-            settle(backend)
-            f, _, _ = await timed(fl.put(p))
-            fl.clear()
-            settle(backend)
-            fc, _, _ = await timed(fl.put(p, crc=True))
-            if rep >= 0:
-                rows["save"].kv.append(s)
-                rows["save"].kv_cpu.append(c)
-                rows["save"].floor.append(f)
-                rows["save"].floor_crc.append(fc)
-            log(f"{p.name} {backend} save: kvstore {s:.3f} s, floor {f:.3f} s, floor+crc {fc:.3f} s")
+                await save_floors(fl, p, backend, rep, s, c, rows["save"])
+        p = dataclasses.replace(p, spec=spec)  # the loads read the last save
         async with kvstore.open(url, storage_options=so, **opts) as store:
             before = store.stats()
             check(p, await store.load_prefix(p.spec, p.tokens))  # warms the page cache; checks the bytes
