@@ -344,8 +344,9 @@ async def bench(
     floor_root, floor_s3 = where("floor")
     s3 = (floor_root, floor_s3) if backend == "s3" and floor_s3 is not None else None
     async with Floor(backend, floor_root if backend != "s3" else uuid.uuid4().hex[:8], args.max_concurrency, s3) as fl:
-        # One store kept open, as a serving engine keeps it (the floor's client is made once too); each save is
-        # of a new model version, so every chunk is new and the save writes its model record and zarr.json too.
+        # One store kept open, as a serving engine keeps it; each save is of a new model version, so every chunk
+        # is new and the save writes its model record and zarr.json too. The previous version's chunks go first:
+        # moto keeps every object in memory, and its saves slow down as they pile up.
         url, so = where("store")
         spec = p.spec
         async with kvstore.open(url, storage_options=so, **opts) as store:
