@@ -22,7 +22,7 @@ from kvstore._tasks import task_group
 from kvstore.errors import InvalidInputError, StorageError, StorePermissionError
 from kvstore.storage.base import ObjectMeta
 from kvstore.storage.resilient import RetryPolicy
-from kvstore.storage.s3_settings import botocore_config_kwargs, uses_https
+from kvstore.storage.s3_settings import botocore_config_kwargs, session_with_shared_loader, uses_https
 from kvstore.storage.s3_settings import client_kwargs as s3_client_kwargs
 from kvstore.storage.translation import translate_error, translate_errors
 
@@ -118,7 +118,11 @@ class S3BatchClient:
         settings.setdefault("max_pool_connections", max(10, 2 * self.max_in_flight + self.fan_out))
         config = Config(**settings)
         with translate_errors(self.url, "", "open"):
-            self._client_cm = aioboto3.Session(**session_args).client("s3", config=config, **client_args)
+            # botocore's parsed service models come from the loader every kvstore S3 client shares (s3_settings).
+            shared = session_with_shared_loader({})
+            self._client_cm = aioboto3.Session(botocore_session=shared, **session_args).client(
+                "s3", config=config, **client_args
+            )
             self._client = await self._client_cm.__aenter__()
         return self
 

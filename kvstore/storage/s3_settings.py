@@ -23,10 +23,11 @@ Three defaults differ from botocore's, each unless the user sets it (in
   plain HTTP bodies stay signed: there the signature is the only thing that stops a
   man in the middle from changing what is stored.
 
-Every s3fs client kvstore opens also shares **one botocore data loader per process** (per
-``data_path``): botocore otherwise parses the S3 service model's JSON again for each new session,
-280 ms on the event loop's thread at every ``kvstore.open`` of an S3 store (cProfile: 0.28 of a
-0.40 s open); the parsed models are read-only AWS data, the same for every store.
+Every s3fs client kvstore opens, and the GC's aioboto3 bulk client, also share **one botocore data
+loader per process** (per ``data_path``): botocore otherwise parses the S3 service model's JSON again
+for each new session, 280 ms on the event loop's thread at every ``kvstore.open`` of an S3 store
+(cProfile: 0.28 of a 0.40 s open) and at every GC run (a bulk client's open and first LIST: 80-390
+ms, 22-34 ms shared); the parsed models are read-only AWS data, the same for every store.
 
 One more applies to plain-HTTP endpoints only: **no SSL context** (``client_kwargs["verify"] = False``
 unless set). There is no TLS to verify, but aiobotocore still builds a context and loads the CA

@@ -58,6 +58,20 @@ async def test_per_key_errors_are_reported(s3_store_url: Any) -> None:
         assert [(f.key, f.error) for f in failures] == [("a", "AccessDenied: no"), ("b", "AccessDenied: no")]
 
 
+async def test_the_bulk_client_shares_the_stores_parsed_service_models(s3_store_url: Any) -> None:
+    """A GC run in a long-lived process must not parse botocore's S3 model again on the event loop."""
+    url, options = s3_store_url
+    backend = await open_object_store(url, options)
+    try:
+        await backend.put("chunks/x/1", b"v")
+        model = backend.fs.s3.meta.service_model._service_description  # type: ignore[attr-defined]
+        async with S3BatchClient(url, options) as client:
+            assert client._client.meta.service_model._service_description is model  # parsed once, shared
+            assert [m.key async for m in client.list_objects("chunks/")] == ["chunks/x/1"]
+    finally:
+        await backend.close()
+
+
 async def test_unreachable_endpoint_is_a_store_error() -> None:
     options = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
     async with S3BatchClient("s3://bucket/kv", options) as client:
