@@ -361,11 +361,9 @@ async def run_kvstore(
 ) -> dict[str, list[float]]:
     """kvstore's repetitions, each beside LMCache's of the same operation: LMCache's first in even ones, second in
     odd ones, so that a server or machine that drifts during the run weighs on both alike."""
-    from bench_store import check, make_payload
+    from bench_store import check, drop_model, make_payload
 
     import kvstore
-    from kvstore.formats.keys import model_id
-    from kvstore.formats.layout import model_chunks_prefix
 
     def paired(op: str, rep: int, first: bool) -> None:
         if first == (rep % 2 == 0):
@@ -381,7 +379,7 @@ async def run_kvstore(
         spec = p.spec
         for rep in range(-1, reps):
             if rep >= 0:  # the previous repetition's chunks: the server holds one save's objects at a time
-                cleanup(f"{url}/{model_chunks_prefix(model_id(spec))}".rstrip("/"), so)
+                drop_model(url, so, spec)
             spec = dataclasses.replace(p.spec, version=f"{p.spec.version}-{rep + 1}")
             os.sync()
             paired("store", rep, True)
